@@ -1,0 +1,359 @@
+"""Qwen2 in Flax NNX: the backbone shared by the policy (causal LM) and the PRM.
+
+Matches transformers' Qwen2 numerically: RMSNorm computed in f32, RoPE in the rotate-half
+layout with f32 angles, grouped-query attention with q/k/v bias, SwiGLU MLP. Linear kernels
+are stored [in, out] (the transpose of torch's weight). Every parameter carries logical axis
+names that `prm_jax.parallel.mesh.RULES` maps onto the device mesh.
+
+KV cache: one (k, v) pair per layer of shape [B, S, kv_heads, head_dim], where the slot of a
+token is its position. `forward_cached` writes the new tokens' keys at their positions and lets
+each query attend to slots <= its own position, which serves prefill (positions 0..T-1 of a
+right-padded batch), shared-prefix continuation and one-token decode with a single code path.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+KVCache = list  # [(k, v)] per layer, each [B, S, kv_heads, head_dim]
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None  # default hidden_size // num_heads
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    param_dtype: str = "float32"  # storage ("master") dtype of the weights
+    dtype: str = "float32"  # compute dtype
+    remat: bool = False  # recompute each layer's activations in the backward pass
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def replace(self, **kw) -> "Qwen2Config":
+        return dataclasses.replace(self, **kw)
+
+    # -- presets -------------------------------------------------------------------------
+    @classmethod
+    def tiny(cls, vocab_size: int = 256, **kw) -> "Qwen2Config":
+        """A few-hundred-kilobyte model for unit tests."""
+        return cls(**{**dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
+                             num_heads=4, num_kv_heads=2), **kw})
+
+    @classmethod
+    def small(cls, **kw) -> "Qwen2Config":
+        """The benchmark config of the issues (vocab 32000, hidden 512, 8 layers)."""
+        return cls(**{**dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_layers=8,
+                             num_heads=8, num_kv_heads=2), **kw})
+
+    @classmethod
+    def qwen2_5_1_5b(cls, **kw) -> "Qwen2Config":
+        return cls(**{**dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
+                             num_heads=12, num_kv_heads=2, tie_word_embeddings=True), **kw})
+
+    @classmethod
+    def qwen2_5_math_7b(cls, **kw) -> "Qwen2Config":
+        return cls(**{**dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                             num_heads=28, num_kv_heads=4, rope_theta=10000.0, max_position_embeddings=4096),
+                      **kw})
+
+    # -- Hugging Face config.json ----------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json", **overrides) -> "Qwen2Config":
+        """Build from a transformers Qwen2 config dict; refuse what this port does not implement."""
+        def need(key):
+            if key not in hf:
+                raise ValueError(f"{source}: missing key {key!r}")
+            return hf[key]
+
+        if hf.get("model_type") not in ("qwen2", None):
+            raise ValueError(f"{source}: key 'model_type' is {hf.get('model_type')!r}; only 'qwen2' is supported")
+        if hf.get("use_sliding_window"):
+            raise ValueError(f"{source}: key 'use_sliding_window' is true; sliding-window attention is not supported")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: key 'hidden_act' is {hf['hidden_act']!r}; only 'silu' is supported")
+        if hf.get("rope_scaling"):
+            raise ValueError(f"{source}: key 'rope_scaling' is set ({hf['rope_scaling']!r}); only plain RoPE is supported")
+        rope = hf.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"{source}: key 'rope_parameters.rope_type' is {rope['rope_type']!r}; "
+                             "only 'default' RoPE is supported")
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        heads = need("num_attention_heads")
+        hidden = need("hidden_size")
+        head_dim = hf.get("head_dim")
+        kw = dict(
+            vocab_size=need("vocab_size"), hidden_size=hidden, intermediate_size=need("intermediate_size"),
+            num_layers=need("num_hidden_layers"), num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=None if head_dim in (None, hidden // heads) else head_dim,
+            rope_theta=float(theta), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_hf(self) -> dict[str, Any]:
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_size,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "attention_dropout": 0.0,
+            "torch_dtype": self.param_dtype,
+        }
+
+
+# -- layers ------------------------------------------------------------------------------------
+
+def _init(key, shape, dtype, scale):
+    return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias), kernel [in, out]; cast to the compute dtype at use."""
+
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str | None, str | None], *, bias: bool,
+                 cfg: Qwen2Config, rngs: nnx.Rngs, std: float = 0.02):
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.kernel = nnx.Param(_init(rngs.params(), (d_in, d_out), cfg.param_dtype, std), logical_axes=axes)
+        self.bias = nnx.Param(jnp.zeros((d_out,), cfg.param_dtype), logical_axes=(axes[1],)) if bias else None
+
+    def __call__(self, x: Array) -> Array:
+        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, cfg: Qwen2Config):
+        self.eps = cfg.rms_norm_eps
+        self.scale = nnx.Param(jnp.ones((dim,), cfg.param_dtype), logical_axes=("norm",))
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_cos_sin(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """cos/sin [B, T, head_dim] in f32, HF layout (the half-frequencies repeated twice)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x [B, T, heads, D]; rotate-half as in transformers."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """q [B,T,H,D], k/v [B,S,K,D] (H = K*G), mask [B,T,S] bool -> [B,T,H,D]. Softmax in f32."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, hd = cfg.hidden_size, cfg.head_size
+        self.q_proj = Dense(d, cfg.num_heads * hd, ("embed", "heads"), bias=True, cfg=cfg, rngs=rngs)
+        self.k_proj = Dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=True, cfg=cfg, rngs=rngs)
+        self.v_proj = Dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=True, cfg=cfg, rngs=rngs)
+        self.o_proj = Dense(cfg.num_heads * hd, d, ("heads", "embed"), bias=False, cfg=cfg, rngs=rngs)
+
+    def qkv(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_size)
+        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_size)
+        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_size)
+        cos, sin = rope_cos_sin(positions, cfg.head_size, cfg.rope_theta)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def __call__(self, x: Array, positions: Array, mask: Array,
+                 cache: tuple[Array, Array] | None = None) -> tuple[Array, tuple[Array, Array] | None]:
+        q, k, v = self.qkv(x, positions)
+        if cache is not None:
+            k, v = _write_cache(cache, k, v, positions[:, 0])
+            cache = (k, v)
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        return self.o_proj(out.reshape(*x.shape[:2], -1)), cache
+
+
+def _write_cache(cache: tuple[Array, Array], k: Array, v: Array, start: Array) -> tuple[Array, Array]:
+    """Write k/v [B,T,K,D] into cache slots start[b] .. start[b]+T-1 of each row."""
+    def row(c, new, s):
+        return jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (s, 0, 0))
+    ck, cv = cache
+    return jax.vmap(row)(ck, k, start), jax.vmap(row)(cv, v, start)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Dense(d, f, ("embed", "mlp"), bias=False, cfg=cfg, rngs=rngs)
+        self.up_proj = Dense(d, f, ("embed", "mlp"), bias=False, cfg=cfg, rngs=rngs)
+        self.down_proj = Dense(f, d, ("mlp", "embed"), bias=False, cfg=cfg, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg)
+        self.self_attn = Attention(cfg, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, positions, mask, cache=None):
+        h, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+# -- models ------------------------------------------------------------------------------------
+
+def default_positions(input_ids: Array, segment_ids: Array | None) -> Array:
+    """0..T-1 per row, restarting at every new segment when sequences are packed."""
+    b, t = input_ids.shape
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids is None:
+        return idx
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - start_idx
+
+
+def full_mask(attention_mask: Array | None, segment_ids: Array | None, b: int, t: int) -> Array:
+    """[B, T, T] bool: causal, keys not padding, and (if packed) same segment."""
+    i = jnp.arange(t)
+    mask = jnp.broadcast_to(i[None, :, None] >= i[None, None, :], (b, t, t))
+    if attention_mask is not None:
+        mask = mask & attention_mask.astype(bool)[:, None, :]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return mask
+
+
+class Qwen2Model(nnx.Module):
+    """Embeddings + decoder layers + final norm; returns final hidden states."""
+
+    def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, param_dtype=jnp.dtype(cfg.param_dtype), dtype=jnp.dtype(cfg.dtype),
+            embedding_init=nnx.with_metadata(nnx.initializers.normal(0.02), logical_axes=("vocab", "embed")),
+            rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg)
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None, *, positions: Array | None = None,
+                 segment_ids: Array | None = None) -> Array:
+        input_ids = jnp.asarray(input_ids)
+        b, t = input_ids.shape
+        if attention_mask is not None:
+            attention_mask = jnp.asarray(attention_mask)
+        if positions is None:
+            positions = default_positions(input_ids, segment_ids)
+        mask = full_mask(attention_mask, segment_ids, b, t)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            if self.cfg.remat:
+                x, _ = nnx.remat(lambda lyr, x_: lyr(x_, positions, mask))(layer, x)
+            else:
+                x, _ = layer(x, positions, mask)
+        return self.norm(x)
+
+    def forward_cached(self, input_ids: Array, positions: Array, cache: KVCache) -> tuple[Array, KVCache]:
+        """Run tokens [B,T] at `positions` [B,T] (contiguous per row) against the cache.
+        Writes their keys at slots = positions; a query attends to slots <= its position.
+        Returns (final hidden states [B,T,H], updated cache)."""
+        s = cache[0][0].shape[1]
+        mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]
+        x = self.embed_tokens(input_ids)
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, layer_cache = layer(x, positions, mask, layer_cache)
+            new_cache.append(layer_cache)
+        return self.norm(x), new_cache
+
+
+def init_cache(cfg: Qwen2Config, batch: int, length: int, dtype: Any = None) -> KVCache:
+    """An empty KV cache: per layer (k, v) zeros [batch, length, kv_heads, head_dim]."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_size)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+
+
+class Qwen2ForCausalLM(nnx.Module):
+    """The policy: backbone + LM head (tied to the embeddings when configured)."""
+
+    def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.model = Qwen2Model(cfg, rngs)
+        self.lm_head = None if cfg.tie_word_embeddings else Dense(
+            cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, cfg=cfg, rngs=rngs)
+
+    def logits(self, hidden: Array) -> Array:
+        """LM logits in f32 from final hidden states."""
+        if self.lm_head is None:
+            w = self.model.embed_tokens.embedding[...].astype(hidden.dtype)
+            return jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None, *, positions: Array | None = None,
+                 segment_ids: Array | None = None) -> Array:
+        return self.logits(self.model(input_ids, attention_mask, positions=positions, segment_ids=segment_ids))
+
+    def forward_cached(self, input_ids: Array, positions: Array, cache: KVCache) -> tuple[Array, KVCache]:
+        """Hidden states (not logits: the sampler projects only the rows it needs) and the new cache."""
+        return self.model.forward_cached(input_ids, positions, cache)
+
+    def init_cache(self, batch: int, length: int, dtype: Any = None) -> KVCache:
+        return init_cache(self.cfg, batch, length, dtype)
