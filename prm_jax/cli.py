@@ -8,6 +8,12 @@ import sys
 
 # Modules that define subcommands, in pipeline order.
 COMMAND_MODULES = (
+    "prm_jax.demo",
+    "prm_jax.toyworld.commands",
+    "prm_jax.sampling.commands",
+    "prm_jax.labeling.commands",
+    "prm_jax.training.commands",
+    "prm_jax.evaluation.commands",
 )
 
 

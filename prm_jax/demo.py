@@ -1,0 +1,484 @@
+"""`prm-jax demo`: the paper's whole recipe, end to end, on the toy world whose truth is known.
+
+Every stage runs through the same `prm-jax` subcommand a user would type and writes its files
+under --out, so the demo doubles as an executable tutorial:
+
+  world    problems, a tokenizer trained locally, training sets for the policy and the critic
+  policy   train a tiny policy with the causal-LM loss (it should solve a fair share, not all)
+  sample   the policy writes several solutions per problem
+  rollout  Monte-Carlo labels: N rollouts from every step prefix (shared-prefix sampling)
+  critic   train a tiny critic on toy solutions with true labels (the stand-in for the paper's judge)
+  judge    the critic judges every solution through the judge stage's in-process JAX backend
+  filter   consensus filter; MC-only and judge-only training sets for comparison
+  prm-*    a PRM trained on each label set (initialised from the policy, as the paper from its
+           instruct model)
+  heldout  a held-out ProcessBench-style set from fresh policy samples, labelled by the truth
+  eval-*   each PRM on the held-out set (first-error F1) and by Best-of-N
+  report   label quality against the truth, PRM F1 vs the outcome-only baseline, Best-of-N
+
+Because the toy world knows every step's truth, the report measures what the paper could only
+estimate: how often MC, the judge and their consensus find the true first error.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prm_jax.records import read_jsonl, write_jsonl
+
+STAGES = ("world", "policy", "sample", "rollout", "critic", "judge", "filter", "prm-consensus", "prm-mc",
+          "prm-judge", "heldout", "eval-consensus", "eval-mc", "eval-judge", "report")
+LABEL_SETS = ("consensus", "mc", "judge")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSize:
+    world: str  # WorldConfig preset
+    model: dict[str, int]  # Qwen2Config fields of the policy / critic / PRMs (all the same shape)
+    vocab_size: int
+    policy_problems: int
+    policy_steps: int
+    policy_batch: int
+    critic_problems: int
+    critic_steps: int
+    label_problems: int
+    samples_per_problem: int
+    rollouts: int
+    prm_steps: int
+    heldout_problems: int
+    bon_n: int
+    lr: float = 3e-3
+    prm_lr: float = 1e-3
+
+
+SIZES = {
+    "tiny": DemoSize(world="tiny", model=dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
+                                              num_kv_heads=2), vocab_size=384,
+                     policy_problems=3000, policy_steps=500, policy_batch=32, critic_problems=600, critic_steps=300,
+                     label_problems=48, samples_per_problem=4, rollouts=6, prm_steps=150, heldout_problems=32,
+                     bon_n=4),
+    "small": DemoSize(world="small", model=dict(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
+                                                num_kv_heads=2), vocab_size=512,
+                      policy_problems=8000, policy_steps=1500, policy_batch=32, critic_problems=2000,
+                      critic_steps=800, label_problems=160, samples_per_problem=4, rollouts=8, prm_steps=400,
+                      heldout_problems=96, bon_n=8),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Judge:
+    kind: str = "critic"  # critic | simulated | endpoint
+    error_rate: float = 0.2  # simulated only
+    endpoint: str | None = None
+    api: str = "sglang"
+    model: str | None = None
+    tokenizer: str | None = None
+
+
+class Demo:
+    def __init__(self, out: str, size: DemoSize, judge: Judge, seed: int, quiet: bool):
+        self.out, self.size, self.judge, self.seed, self.quiet = out, size, judge, seed, quiet
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.out, *parts)
+
+    def cli(self, *argv: str) -> None:
+        """Run one `prm-jax` subcommand in-process, as a user would type it."""
+        from prm_jax.cli import main
+
+        argv = [str(a) for a in argv]
+        print(f"\n$ prm-jax {' '.join(argv)}", flush=True)
+        rc = main(argv)
+        if rc:
+            raise RuntimeError(f"prm-jax {argv[0]} exited with {rc}")
+
+    def train(self, objective: str, train_file: str, out: str, steps: int, lr: float, *, init: str | None = None,
+              system_prompt: str | None = "default", batch: int = 16, max_length: int = 256) -> None:
+        args = ["train", "--objective", objective, "--train", train_file, "--out", out,
+                "--set", f"steps={steps}", "--set", f"lr={lr}", "--set", f"batch_size={batch}",
+                "--set", f"max_length={max_length}", "--set", "warmup_steps=20", "--set", "min_lr_ratio=0.1",
+                "--set", f"seed={self.seed}", "--set", f"save_every={max(steps // 2, 1)}", "--set", "log_every=25"]
+        if init:
+            args += ["--init", init]
+        else:
+            model_yaml = self.path("model.yaml")
+            args += ["--init-config", model_yaml, "--tokenizer", self.path("tokenizer")]
+        if system_prompt is None:
+            args += ["--set", "system_prompt="]
+        if self.quiet:
+            args.append("--quiet")
+        self.cli(*args)
+
+    # -- stages ------------------------------------------------------------------------------
+    def stage_world(self) -> None:
+        from prm_jax.toyworld import critic, world
+        from prm_jax.toyworld.tokenizer import train_tokenizer
+
+        cfg = world.WorldConfig.for_size(self.size.world)
+        s, seed = self.size, self.seed
+        template = critic.toy_judge_template()
+        sets = {"policy": s.policy_problems, "critic": s.critic_problems, "label": s.label_problems,
+                "heldout": s.heldout_problems}
+        problems = {}
+        for i, (name, n) in enumerate(sets.items()):
+            problems[name] = world.generate_problems(n, seed=seed * 100 + i, cfg=cfg, id_prefix=name)
+        # Problems are drawn at random, so keep the evaluation sets disjoint from the training ones.
+        seen = {p["problem"] for p in problems["policy"]} | {p["problem"] for p in problems["critic"]}
+        for name in ("label", "heldout"):
+            problems[name] = [p for p in problems[name] if p["problem"] not in seen]
+        os.makedirs(self.path("data"), exist_ok=True)
+        for name, recs in problems.items():
+            write_jsonl(self.path("data", f"{name}_problems.jsonl"), recs)
+        corpus = world.tokenizer_corpus(400, seed=seed, cfg=cfg, extra_texts=critic.judge_corpus_texts(template))
+        train_tokenizer(corpus, self.path("tokenizer"), vocab_size=s.vocab_size)
+        from transformers import AutoTokenizer
+
+        vocab = len(AutoTokenizer.from_pretrained(self.path("tokenizer")))
+        with open(self.path("model.yaml"), "w", encoding="utf-8") as f:
+            json.dump({"preset": "tiny", **s.model, "vocab_size": vocab, "max_position_embeddings": 1024}, f)
+        # The policy learns from reference solutions with a few injected errors, so that its own
+        # samples go wrong in varied places; the critic from solutions with true verdicts.
+        policy = world.sample_solutions(problems["policy"], seed=seed, error_rate=0.1)
+        write_jsonl(self.path("data", "policy_train.jsonl"),
+                    [{"id": r["id"], "problem": r["problem"], "steps": r["steps"]} for r in policy])
+        examples = critic.critic_training_set(problems["critic"], template, seed=seed, error_rate=0.6)
+        write_jsonl(self.path("data", "critic_train.jsonl"),
+                    [{"id": e["id"], "prompt": e["messages"][-2]["content"], "text": e["messages"][-1]["content"]}
+                     for e in examples])
+
+    def stage_policy(self) -> None:
+        s = self.size
+        self.train("lm", self.path("data", "policy_train.jsonl"), self.path("policy"), s.policy_steps, s.lr,
+                   batch=s.policy_batch, max_length=192)
+
+    def stage_sample(self) -> None:
+        self.cli("sample", "--policy", self.path("policy", "hf"), "--problems", self.path("data", "label_problems.jsonl"),
+                 "--out", self.path("solutions.jsonl"), "--n", self.size.samples_per_problem, "--temperature", 1.0,
+                 "--top-p", 1.0, "--max-new-tokens", 96, "--seed", self.seed, "--batch-size", 32)
+
+    def stage_rollout(self) -> None:
+        self.cli("rollout", "--policy", self.path("policy", "hf"), "--solutions", self.path("solutions.jsonl"),
+                 "--out", self.path("mc.jsonl"), "--n", self.size.rollouts, "--mode", "all", "--temperature", 1.0,
+                 "--top-p", 1.0, "--max-new-tokens", 64, "--seed", self.seed, "--batch-size", 32,
+                 "--max-prefixes", 128)
+
+    def stage_critic(self) -> None:
+        if self.judge.kind != "critic":
+            return
+        s = self.size
+        self.train("lm", self.path("data", "critic_train.jsonl"), self.path("critic"), s.critic_steps, s.lr,
+                   system_prompt=None, batch=32, max_length=320)
+
+    def stage_judge(self) -> None:
+        from prm_jax.toyworld import critic
+
+        out = self.path("judge.jsonl")
+        if self.judge.kind == "simulated":
+            write_jsonl(out, simulated_judge(read_jsonl(self.path("solutions.jsonl")), self.judge.error_rate,
+                                             self.seed))
+            return
+        common = ["judge", "--solutions", self.path("solutions.jsonl"), "--out", out, "--max-new-tokens", 160]
+        if self.judge.kind == "critic":
+            self.cli(*common, "--api", "local", "--model", self.path("critic", "hf"),
+                     "--template", critic.toy_judge_template_path(), "--batch-size", 64, "--temperature", 0)
+        else:
+            args = [*common, "--api", self.judge.api, "--endpoint", self.judge.endpoint,
+                    "--template", critic.toy_judge_template_path()]
+            if self.judge.model:
+                args += ["--model", self.judge.model]
+            if self.judge.tokenizer:
+                args += ["--tokenizer", self.judge.tokenizer]
+            self.cli(*args)
+
+    def stage_filter(self) -> None:
+        from prm_jax.labeling.consensus import training_record
+
+        self.cli("filter", "--mc", self.path("mc.jsonl"), "--judge", self.path("judge.jsonl"),
+                 "--out", self.path("train_consensus.jsonl"), "--report", self.path("consensus_report.json"))
+        # The comparison sets: every solution, labelled by one source alone.
+        mc = [training_record(r, r["mc"]["first_error"]) for r in read_jsonl(self.path("mc.jsonl"))]
+        judged = [training_record(r, r["judge"]["first_error"]) for r in read_jsonl(self.path("judge.jsonl"))
+                  if r["judge"]["first_error"] is not None]
+        write_jsonl(self.path("train_mc.jsonl"), mc)
+        write_jsonl(self.path("train_judge.jsonl"), judged)
+
+    def stage_prm(self, label_set: str) -> None:
+        s = self.size
+        train_file = self.path(f"train_{label_set}.jsonl")
+        if not read_jsonl(train_file):
+            raise RuntimeError(f"{train_file} is empty: no solution survived labelling with {label_set!r}")
+        self.train("prm", train_file, self.path(f"prm_{label_set}"), s.prm_steps, s.prm_lr,
+                   init=self.path("policy", "hf"), batch=16, max_length=192)
+
+    def stage_heldout(self) -> None:
+        """Fresh policy samples on held-out problems, labelled by the truth; balanced between
+        correct and erroneous solutions, topped up with the world's reference or injected-error
+        solutions when the policy gives too few of one kind."""
+        from prm_jax.toyworld import world
+
+        samples = self.path("heldout_samples.jsonl")
+        self.cli("sample", "--policy", self.path("policy", "hf"), "--problems",
+                 self.path("data", "heldout_problems.jsonl"), "--out", samples, "--n", self.size.bon_n,
+                 "--temperature", 1.0, "--top-p", 1.0, "--max-new-tokens", 96, "--seed", self.seed + 1,
+                 "--batch-size", 32)
+        records = [r for r in map(world.processbench_record, read_jsonl(samples)) if r is not None]
+        rng = random.Random(self.seed)
+        wrong = [r for r in records if r["label"] >= 0]
+        right = [r for r in records if r["label"] < 0]
+        want = max(len(records) // 2, 8)
+        problems = read_jsonl(self.path("data", "heldout_problems.jsonl"))
+        if len(right) < want:
+            extra = world.sample_solutions(problems, seed=self.seed + 2, error_rate=0.0)
+            right += [world.processbench_record(r) for r in extra][: want - len(right)]
+        if len(wrong) < want:
+            extra = world.sample_solutions(problems, seed=self.seed + 3, error_rate=1.0)
+            wrong += [world.processbench_record(r) for r in extra][: want - len(wrong)]
+        rng.shuffle(wrong)
+        rng.shuffle(right)
+        n = min(len(wrong), len(right))
+        chosen = wrong[:n] + right[:n]
+        os.makedirs(self.path("heldout"), exist_ok=True)
+        with open(self.path("heldout", "toy.json"), "w", encoding="utf-8") as f:
+            json.dump(chosen, f)
+
+    def stage_eval(self, label_set: str) -> None:
+        prm = self.path(f"prm_{label_set}", "hf")
+        self.cli("eval", "processbench", "--prm", prm, "--data", self.path("heldout"), "--subsets", "toy",
+                 "--out", self.path(f"eval_{label_set}"), "--batch-size", 32, "--max-length", 256)
+        self.cli("eval", "bon", "--prm", prm, "--responses", self.path("heldout_samples.jsonl"),
+                 "--out", self.path(f"bon_{label_set}"), "--batch-size", 32, "--max-length", 256)
+
+    def stage_report(self) -> None:
+        report = build_report(self)
+        with open(self.path("report.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        write_markdown(report, self.path("report.md"))
+        plot_report(report, self.out)
+        print("\n" + summary_table(report))
+        print(f"\nreport: {self.path('report.md')} (and report.json, report_*.png)")
+
+    def stages(self) -> list[tuple[str, Callable[[], None]]]:
+        table = {"world": self.stage_world, "policy": self.stage_policy, "sample": self.stage_sample,
+                 "rollout": self.stage_rollout, "critic": self.stage_critic, "judge": self.stage_judge,
+                 "filter": self.stage_filter, "heldout": self.stage_heldout, "report": self.stage_report}
+        for ls in LABEL_SETS:
+            table[f"prm-{ls}"] = lambda ls=ls: self.stage_prm(ls)
+            table[f"eval-{ls}"] = lambda ls=ls: self.stage_eval(ls)
+        return [(name, table[name]) for name in STAGES]
+
+
+def simulated_judge(solutions: list[dict], error_rate: float, seed: int) -> list[dict]:
+    """The truth with injected mistakes: with probability `error_rate` the verdict is moved to
+    another step (or to "no error"). Labelled "simulated" in the records and the report."""
+    from prm_jax.toyworld.world import check_steps
+
+    rng = random.Random(seed)
+    out = []
+    for sol in solutions:
+        truth = check_steps(sol, sol["steps"]).first_error
+        verdict = truth
+        if truth is not None and rng.random() < error_rate:
+            verdict = rng.choice([k for k in range(-1, len(sol["steps"])) if k != truth] or [truth])
+        out.append({**sol, "judge": {"first_error": verdict, "model": f"simulated(error_rate={error_rate})",
+                                     "raw": ""}})
+    return out
+
+
+# -- report ----------------------------------------------------------------------------------
+
+def _load_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def build_report(demo: Demo) -> dict[str, Any]:
+    from prm_jax.toyworld import truth as T
+    from prm_jax.toyworld.world import check_steps
+
+    p = demo.path
+    solutions = read_jsonl(p("solutions.jsonl"))
+    truth = T.true_first_errors(solutions)
+    graded = [check_steps(s, s["steps"]) for s in solutions]
+    judge_name = "critic" if demo.judge.kind == "critic" else demo.judge.kind
+    report: dict[str, Any] = {
+        "size": demo.size.world,
+        "judge": judge_name + (f" (error rate {demo.judge.error_rate})" if demo.judge.kind == "simulated" else ""),
+        "policy": {
+            "solutions": len(solutions),
+            "final_answer_accuracy": sum(bool(v.final_answer_correct) for v in graded) / max(len(graded), 1),
+            "process_correct": sum(v.first_error == -1 for v in graded) / max(len(graded), 1),
+        },
+        "label_quality": {
+            "mc": T.label_quality(read_jsonl(p("mc.jsonl")), truth, "mc"),
+            "judge": T.label_quality(read_jsonl(p("judge.jsonl")), truth, "judge"),
+            "consensus": T.label_quality(read_jsonl(p("train_consensus.jsonl")), truth, "labels"),
+        },
+        "consensus": _load_json(p("consensus_report.json")),
+    }
+    heldout = _load_json(p("heldout", "toy.json"))
+    base = T.baseline_f1(heldout)
+    prm: dict[str, Any] = {"n_heldout": len(heldout), "baseline_f1": base["f1"], "baseline": base}
+    bon: dict[str, Any] = {}
+    for ls in LABEL_SETS:
+        summary = _load_json(p(f"eval_{ls}", "summary.json"))
+        sub = summary["subsets"]["toy"]
+        key = "" if ls == "consensus" else f"{ls}_"
+        prm[f"{key}f1"] = sub["f1"]
+        prm[f"{key}detail"] = sub
+        b = _load_json(p(f"bon_{ls}", "bon_summary.json"))
+        bon[ls] = {"curve": b["curve"], "min_score_at_last_step": b["min_score_at_last_step"]}
+    prm["beats_baseline"] = bool(prm["f1"] > prm["baseline_f1"])
+    report["prm"] = prm
+    report["best_of_n"] = bon
+    return T.clean_nan(report)
+
+
+def _fmt(x: Any, pct: bool = False) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{100 * x:.1f}" if pct else f"{x:.3f}"
+    return str(x)
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    lq = report["label_quality"]
+    lines = [f"Label quality against the truth (judge: {report['judge']})",
+             f"{'source':<10}{'n':>6}{'first-err acc%':>16}{'step P%':>9}{'step R%':>9}"]
+    for src in ("mc", "judge", "consensus"):
+        q = lq[src]
+        lines.append(f"{src:<10}{q['n']:>6}{_fmt(q['first_error_accuracy'], True):>16}"
+                     f"{_fmt(q['step_precision'], True):>9}{_fmt(q['step_recall'], True):>9}")
+    prm = report["prm"]
+    lines += ["", f"Held-out first-error F1 ({prm['n_heldout']} solutions)",
+              f"{'PRM trained on consensus labels':<36}{_fmt(prm['f1'], True):>8}",
+              f"{'PRM trained on MC labels':<36}{_fmt(prm['mc_f1'], True):>8}",
+              f"{'PRM trained on judge labels':<36}{_fmt(prm['judge_f1'], True):>8}",
+              f"{'outcome-only baseline':<36}{_fmt(prm['baseline_f1'], True):>8}"]
+    curve = report["best_of_n"]["consensus"]["curve"]
+    lines += ["", "Best-of-N (consensus PRM)", f"{'N':>4}{'prm@N%':>9}{'maj@N%':>9}{'pass@N%':>9}"]
+    for c in curve:
+        lines.append(f"{c['n']:>4}{_fmt(c['prm'], True):>9}{_fmt(c['maj'], True):>9}{_fmt(c['pass'], True):>9}")
+    return "\n".join(lines)
+
+
+def write_markdown(report: dict[str, Any], path: str) -> None:
+    pol, cons = report["policy"], report["consensus"]
+    text = [
+        "# prm-jax demo report", "",
+        f"Toy world size `{report['size']}`; judge: {report['judge']}.", "",
+        f"The policy wrote {pol['solutions']} solutions: {_fmt(pol['final_answer_accuracy'], True)}% reach the "
+        f"right answer, {_fmt(pol['process_correct'], True)}% are right at every step.", "",
+        f"Consensus kept {cons.get('kept')} of {cons.get('kept', 0) + cons.get('dropped', 0)} solutions "
+        f"(retention {_fmt(cons.get('retention'), True)}%).", "",
+        "```", summary_table(report), "```", "",
+        "![label quality](report_label_quality.png)", "", "![PRM F1](report_f1.png)", "",
+        "![Best-of-N](bon_consensus/bon_curve.png)", "",
+        "Step precision/recall: the positive class is \"this step is wrong\", over the steps each source labels "
+        "(the steps up to its first error). The outcome-only baseline knows whether the final answer is right and "
+        "then blames the last step.",
+    ]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(text) + "\n")
+
+
+def plot_report(report: dict[str, Any], out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lq = report["label_quality"]
+    srcs = ["mc", "judge", "consensus"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    vals = [100 * (lq[s]["first_error_accuracy"] or 0) for s in srcs]
+    ax.bar(srcs, vals, color=["#4c72b0", "#dd8452", "#55a868"])
+    for i, s in enumerate(srcs):
+        ax.text(i, vals[i] + 1, f"n={lq[s]['n']}", ha="center")
+    ax.set_ylabel("first error matches truth (%)")
+    ax.set_ylim(0, 110)
+    ax.set_title("Label quality against the toy world's truth")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "report_label_quality.png"), dpi=120)
+    plt.close(fig)
+
+    prm = report["prm"]
+    names = ["consensus", "MC only", "judge only", "outcome baseline"]
+    vals = [100 * (prm[k] or 0) for k in ("f1", "mc_f1", "judge_f1", "baseline_f1")]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(names, vals, color=["#55a868", "#4c72b0", "#dd8452", "#999999"])
+    ax.set_ylabel("held-out first-error F1 (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("PRMs by training labels")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "report_f1.png"), dpi=120)
+    plt.close(fig)
+
+
+# -- driver ----------------------------------------------------------------------------------
+
+def run_demo(out: str, size: str = "tiny", judge: Judge = Judge(), seed: int = 0, resume: bool = False,
+             quiet: bool = False) -> dict[str, Any]:
+    """Run (or with `resume`, continue) the demo; returns the report."""
+    done_dir = os.path.join(out, "stages")
+    if os.path.isdir(done_dir) and os.listdir(done_dir) and not resume:
+        raise SystemExit(f"{out} already holds a demo run; pass --resume to continue it or choose a new --out")
+    os.makedirs(done_dir, exist_ok=True)
+    demo = Demo(out, SIZES[size], judge, seed, quiet)
+    settings = {"size": size, "judge": dataclasses.asdict(judge), "seed": seed}
+    settings_path = os.path.join(out, "demo_settings.json")
+    if os.path.exists(settings_path) and _load_json(settings_path) != settings:
+        raise SystemExit(f"{settings_path}: this run used {_load_json(settings_path)}; resume it with the same "
+                         "options or choose a new --out")
+    with open(settings_path, "w", encoding="utf-8") as f:
+        json.dump(settings, f)
+    timings = {}
+    t_start = time.perf_counter()
+    for name, fn in demo.stages():
+        marker = os.path.join(done_dir, name)
+        if os.path.exists(marker):
+            print(f"[demo] {name}: done earlier, skipped")
+            continue
+        print(f"\n[demo] === {name} ===", flush=True)
+        t0 = time.perf_counter()
+        fn()
+        timings[name] = round(time.perf_counter() - t0, 1)
+        with open(marker, "w", encoding="utf-8") as f:
+            f.write(f"{timings[name]}\n")
+    print(f"\n[demo] finished in {time.perf_counter() - t_start:.0f} s; stage seconds: {timings}")
+    return _load_json(os.path.join(out, "report.json"))
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="the whole recipe end to end on a toy world whose truth is known",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/demo", help="run directory (every stage writes its files here)")
+    p.add_argument("--size", choices=tuple(SIZES), default="tiny")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run from its last finished stage")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--judge", choices=("critic", "simulated"), default="critic",
+                   help="critic: a small model trained here, run through the in-process judge backend; "
+                        "simulated: the truth with injected errors")
+    p.add_argument("--judge-error-rate", type=float, default=0.2, help="with --judge simulated")
+    p.add_argument("--judge-endpoint", help="a real judge server instead (SGLang or OpenAI-compatible)")
+    p.add_argument("--judge-api", choices=("sglang", "openai"), default="sglang")
+    p.add_argument("--judge-model", help="model name for --judge-endpoint")
+    p.add_argument("--judge-tokenizer", help="judge tokenizer directory (sglang: its chat template)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars from the training stages")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    if args.judge_endpoint:
+        judge = Judge("endpoint", endpoint=args.judge_endpoint, api=args.judge_api, model=args.judge_model,
+                      tokenizer=args.judge_tokenizer)
+    else:
+        judge = Judge(args.judge, error_rate=args.judge_error_rate)
+    run_demo(args.out, args.size, judge, args.seed, args.resume, args.quiet)
+    return 0

@@ -1,0 +1,165 @@
+"""`prm-jax judge`, `prm-jax filter` and `prm-jax convert`."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("judge", help="label solutions' first wrong step with an LLM judge",
+                       description="Ask an LLM judge (SGLang, any OpenAI-compatible server, or a local JAX "
+                                   "model) for the first wrong step of every solution; resumable and cached.")
+    p.add_argument("--solutions", required=True, help="solution records (JSONL with id, problem, steps)")
+    p.add_argument("--out", required=True, help="judge-labelled records (JSONL; appended, resumable)")
+    p.add_argument("--api", choices=("sglang", "openai", "local"), default="sglang")
+    p.add_argument("--endpoint", help="server URL, e.g. http://127.0.0.1:30000 (sglang, openai)")
+    p.add_argument("--model", help="model name sent to the server and stored in the records; for --api local, "
+                                   "the HF model directory (default: the server's model_path for sglang)")
+    p.add_argument("--tokenizer", help="judge tokenizer directory whose chat template is applied "
+                                       "(sglang: required; local: defaults to --model)")
+    p.add_argument("--template", default="default", help="template file, or a shipped name: default, boxed")
+    p.add_argument("--samples", type=int, default=1, help="replies per solution; majority vote when > 1")
+    p.add_argument("--concurrency", type=int, default=64, help="requests in flight")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts per /generate request (sglang, local)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--max-retries", type=int, default=6)
+    p.add_argument("--max-rps", type=float, default=None, help="cap on request starts per second")
+    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--temperature", type=float, default=None, help="default 0 with one sample, 0.7 with several")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (openai)")
+    p.add_argument("--transport", choices=("auto", "lean", "httpx"), default="auto",
+                   help="HTTP client: lean keep-alive connections (http://) or httpx (needed for https://); "
+                        "auto picks by the URL")
+    p.add_argument("--cache", help="reply cache (default: OUT.cache.jsonl)")
+    p.add_argument("--failed", help="list of records that got no reply (default: OUT.failed.jsonl)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_judge)
+
+    p = sub.add_parser("filter", help="consensus filter: keep solutions where MC and judge agree",
+                       description="Keep a solution iff its MC first error equals the judge's (both -1 included) "
+                                   "and write training records; report retention and agreement.")
+    p.add_argument("--mc", required=True, help="MC-labelled records (JSONL with mc.first_error)")
+    p.add_argument("--judge", required=True, help="judge-labelled records (JSONL with judge.first_error)")
+    p.add_argument("--out", required=True, help="training records (JSONL)")
+    p.add_argument("--report", required=True, help="report (JSON)")
+    p.set_defaults(func=run_filter)
+
+    from prm_jax.data.formats import FORMATS
+
+    p = sub.add_parser("convert", help="convert between PRM data formats",
+                       description="Convert a data file between formats: " + ", ".join(FORMATS))
+    p.add_argument("--from", dest="src_format", required=True, choices=FORMATS)
+    p.add_argument("--to", dest="dst_format", required=True, choices=FORMATS)
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of failing")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.set_defaults(func=run_convert)
+
+
+def _make_client(args):
+    from prm_jax.labeling import judge_clients as jc
+
+    temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.7)
+    sampling = jc.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p,
+                                 top_k=args.top_k, seed=args.seed)
+    if args.api == "local":
+        if not args.model:
+            raise SystemExit("prm-jax judge: --api local needs --model (an HF chat model directory)")
+        tok = None
+        if args.tokenizer:
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        return jc.LocalClient(args.model, sampling, tokenizer=tok), args.model
+    if not args.endpoint:
+        raise SystemExit(f"prm-jax judge: --api {args.api} needs --endpoint URL")
+    common = dict(concurrency=args.concurrency, timeout=args.timeout, max_rps=args.max_rps,
+                  retry=jc.RetryPolicy(max_retries=args.max_retries), seed=args.seed, transport=args.transport)
+    if args.api == "openai":
+        if not args.model:
+            raise SystemExit("prm-jax judge: --api openai needs --model (the served model's name)")
+        return jc.OpenAIClient(args.endpoint, args.model, sampling, api_key=args.api_key, **common), args.model
+    if not args.tokenizer:
+        raise SystemExit("prm-jax judge: --api sglang needs --tokenizer DIR (the judge's chat template)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    return jc.SGLangClient(args.endpoint, args.model or "", sampling, tokenizer=tok, **common), args.model
+
+
+async def _judge(args) -> int:
+    from prm_jax.labeling.judge import judge_solutions, load_template, read_solutions
+
+    template = load_template(args.template)
+    solutions = read_solutions(args.solutions)
+    client, model = _make_client(args)
+    async with client:
+        if args.api == "sglang" and not model:
+            model = client.model_info.get("model_path") or "sglang"
+        if args.api == "openai" and args.batch_size != 1:
+            print("prm-jax judge: --batch-size ignored for --api openai (one prompt per request)", file=sys.stderr)
+        summary = await judge_solutions(
+            solutions, client, out_path=args.out, template=template, model=model, samples=args.samples,
+            cache_path=args.cache, failed_path=args.failed,
+            batch_size=1 if args.api == "openai" else args.batch_size, progress=not args.no_progress)
+    for line in summary.lines():
+        print(line)
+    if client.counters.errors:
+        print("errors retried or failed: " + ", ".join(f"{k}={v}" for k, v in sorted(client.counters.errors.items())))
+    if summary.failed:
+        print(f"{summary.failed} records got no reply; listed in {args.failed or args.out + '.failed.jsonl'} "
+              f"(run the same command again to retry them)", file=sys.stderr)
+        return 3
+    return 0
+
+
+def run_judge(args) -> int:
+    return asyncio.run(_judge(args))
+
+
+def run_filter(args) -> int:
+    from prm_jax.labeling.consensus import consensus_filter, format_report, load_labelled
+    from prm_jax.records import write_jsonl
+
+    mc = load_labelled(args.mc, "mc")
+    judged = load_labelled(args.judge, "judge")
+    kept, report = consensus_filter(mc, judged)
+    write_jsonl(args.out, kept)
+    write_jsonl_report = os.fspath(args.report)
+    tmp = f"{write_jsonl_report}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, write_jsonl_report)
+    print(format_report(report))
+    return 0
+
+
+def run_convert(args) -> int:
+    from prm_jax.data.formats import convert
+
+    result = convert(args.src_format, args.dst_format, args.input, args.output, skip_bad=args.skip_bad)
+    print(f"{args.input} ({args.src_format}) -> {args.output} ({args.dst_format}): "
+          f"{result.written} records written, {len(result.skipped)} skipped")
+    for msg in result.skipped[:10]:
+        print(f"  skipped {msg}", file=sys.stderr)
+    if len(result.skipped) > 10:
+        print(f"  ... and {len(result.skipped) - 10} more", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """These three commands alone (tests and scripts use this without the other stages' imports)."""
+    parser = argparse.ArgumentParser(prog="prm-jax")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

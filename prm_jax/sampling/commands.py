@@ -1,0 +1,295 @@
+"""`prm-jax sample` (policy solutions for problems) and `prm-jax rollout` (MC step labels).
+
+Both append their output record by record through ResumableWriter as each batch finishes: a
+restart on the same --out skips the ids already written, and a kill -9 loses at most the batch in
+flight (never a duplicated or torn line). Randomness is tied to record ids (sample k of problem p,
+rollout j of step i of solution s), not to batches, so a resumed run draws what the first would
+have. Multi-host: every process takes its strided shard of the input and writes its own part file
+(out.part-0000i-of-0000n.jsonl), running on a mesh over its local devices.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import time
+from typing import Any
+
+from prm_jax.data.prm_format import DEFAULT_SYSTEM_PROMPT
+from prm_jax.records import RecordError, iter_lines
+
+PROBLEM_FORMATS = ("auto", "records", "gsm8k", "math")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sample", help="sample policy solutions for problems (JAX sampler)",
+                       description="Sample N solutions per problem with the policy, split them into steps "
+                                   "and extract the final answer; resumable.")
+    p.add_argument("--policy", required=True, help="policy directory (HF Qwen2ForCausalLM + tokenizer)")
+    p.add_argument("--problems", required=True,
+                   help='problems: JSONL {"id","problem","answer"}, or raw GSM8K / MATH(-500) JSONL')
+    p.add_argument("--format", choices=PROBLEM_FORMATS, default="auto", help="problem file format (default: "
+                   "detected from the first record)")
+    p.add_argument("--out", required=True, help="solution records (JSONL; appended, resumable)")
+    p.add_argument("--n", type=int, default=1, help="solutions per problem")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=16, help="problems per batch (n rows each)")
+    _common(p)
+    p.set_defaults(func=run_sample)
+
+    p = sub.add_parser("rollout", help="Monte-Carlo step labels: N rollouts from every step prefix",
+                       description="For every solution and step i, let the policy finish N times from "
+                                   "problem + steps[:i+1] and count the rollouts reaching the gold answer; "
+                                   "writes solution + mc records; resumable.")
+    p.add_argument("--policy", required=True, help="policy directory (HF Qwen2ForCausalLM + tokenizer)")
+    p.add_argument("--solutions", required=True, help='solution records (JSONL with "id","problem","answer","steps")')
+    p.add_argument("--out", required=True, help="MC-labelled records (JSONL; appended, resumable)")
+    p.add_argument("--n", type=int, default=8, help="rollouts per step prefix")
+    p.add_argument("--threshold", type=int, default=0, help="a step is positive iff correct rollouts > this")
+    p.add_argument("--mode", choices=("all", "first-error", "binary"), default="all",
+                   help="all steps; stop at the first hard negative; binary search for it (assumes monotonicity)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=8, help="solutions labelled together")
+    p.add_argument("--max-prefixes", type=int, default=64, help="step prefixes per sampler call")
+    _common(p)
+    p.set_defaults(func=run_rollout)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh", default=None, help='device mesh, e.g. "data=4,tensor=2" (default: all devices on data)')
+    p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: the checkpoint's)")
+    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
+                   help="policy system prompt ('' for none; default: Qwen2.5-Math's CoT prompt)")
+    p.add_argument("--grade-workers", type=int, default=2,
+                   help="processes grading answers with math-verify (0: grade in this process)")
+    p.add_argument("--grade-timeout", type=float, default=5.0, help="seconds of math-verify per answer")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# -- input ------------------------------------------------------------------------------------------
+
+def _answer(line) -> str:
+    ans = line.get("answer", (str, int, float))
+    if isinstance(ans, bool):
+        raise RecordError(f"{line.where()}: key 'answer' should be str or a number, got bool")
+    return str(ans)
+
+
+def _detect_format(path: str) -> str:
+    for line in iter_lines(path):
+        rec = line.record
+        if "question" in rec and "problem" not in rec:
+            return "gsm8k"
+        if "problem" in rec and "id" not in rec and ("solution" in rec or "unique_id" in rec):
+            return "math"
+        return "records"
+    return "records"
+
+
+def _check_unique(recs: list[tuple[str, dict]], path: str) -> None:
+    seen: dict[Any, str] = {}
+    for where, rec in recs:
+        if rec["id"] in seen:
+            raise RecordError(f"{where}: duplicate id {rec['id']!r} (first at {seen[rec['id']]})")
+        seen[rec["id"]] = where
+
+
+def read_problems(path: str, fmt: str = "auto") -> list[dict[str, Any]]:
+    """Problem records {"id","problem","answer", ...other keys kept}; raw GSM8K (answer after "####",
+    id gsm8k-<index>) and MATH-500 (`answer`, id = unique_id) files are converted."""
+    path = os.fspath(path)
+    fmt = _detect_format(path) if fmt == "auto" else fmt
+    if fmt in ("gsm8k", "math"):
+        from prm_jax.data import formats
+
+        recs = formats.read(fmt, path).records
+        _check_unique([(f"{path} record {i + 1}", r) for i, r in enumerate(recs)], path)
+        return recs
+    out = []
+    for line in iter_lines(path):
+        line.get("id", (str, int))
+        line.get("problem", str)
+        rec = dict(line.record)
+        rec["answer"] = _answer(line)
+        out.append((line.where(), rec))
+    _check_unique(out, path)
+    return [r for _, r in out]
+
+
+def read_solutions(path: str) -> list[dict[str, Any]]:
+    """Solution records; each needs id, problem, answer (gold) and steps (list of strings)."""
+    out = []
+    for line in iter_lines(os.fspath(path)):
+        line.get("id", (str, int))
+        line.get("problem", str)
+        steps = line.get("steps", list)
+        if not all(isinstance(s, str) for s in steps):
+            raise RecordError(f"{line.where()}: key 'steps' should be a list of strings")
+        rec = dict(line.record)
+        rec["answer"] = _answer(line)
+        out.append((line.where(), rec))
+    _check_unique(out, os.fspath(path))
+    return [r for _, r in out]
+
+
+# -- shared plumbing ---------------------------------------------------------------------------------
+
+def _setup(args):
+    """(process index, process count, mesh or None, output path) for this host."""
+    import jax
+
+    from prm_jax.parallel.mesh import initialize_distributed, make_mesh
+    from prm_jax.records import part_path
+
+    pidx, pcount = initialize_distributed()
+    mesh = None
+    if args.mesh or pcount > 1:
+        mesh = make_mesh(args.mesh, devices=jax.local_devices())
+    return pidx, pcount, mesh, part_path(args.out, pidx, pcount)
+
+
+def _load_policy(args, mesh):
+    from prm_jax.models.hf import load_causal_lm, load_tokenizer
+
+    t0 = time.perf_counter()
+    model = load_causal_lm(args.policy, mesh=mesh, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.policy)
+    print(f"loaded policy {args.policy} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return model, tokenizer
+
+
+def _progress(total: int, desc: str, disable: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="rec", disable=disable, dynamic_ncols=True)
+
+
+def _system(args) -> str | None:
+    return args.system_prompt or None
+
+
+# -- sample ---------------------------------------------------------------------------------------------
+
+def run_sample(args) -> int:
+    from prm_jax.labeling.grading import Grader, extract_answer
+    from prm_jax.labeling.mc import default_stop_ids, stable_key_id
+    from prm_jax.labeling.steps import policy_prompt_ids, split_steps
+    from prm_jax.records import ResumableWriter, process_shard
+
+    if args.n < 1:
+        raise SystemExit("prm-jax sample: --n must be >= 1")
+    problems = read_problems(args.problems, args.format)
+    pidx, pcount, mesh, out_path = _setup(args)
+    problems = process_shard(problems, pidx, pcount)
+    generator = os.path.basename(os.path.normpath(args.policy))
+    t0 = time.perf_counter()
+    stats = collections.Counter()
+    with ResumableWriter(out_path) as out, Grader(args.grade_workers, args.grade_timeout) as grader:
+        ids = lambda p: [f"{p['id']}-{k}" for k in range(args.n)]  # noqa: E731
+        todo = [p for p in problems if any(i not in out.done for i in ids(p))]
+        print(f"sample: {len(problems)} problems, {len(problems) - len(todo)} already done in {out_path}",
+              file=sys.stderr)
+        if todo:
+            from prm_jax.sampling.sampler import generate_from_prefixes
+
+            model, tok = _load_policy(args, mesh)
+            stops = default_stop_ids(tok)
+            bar = _progress(len(todo), "sample", args.no_progress)
+            for start in range(0, len(todo), args.batch_size):
+                batch = todo[start:start + args.batch_size]
+                prompts = [policy_prompt_ids(tok, p["problem"], _system(args)) for p in batch]
+                outs = generate_from_prefixes(model, prompts, args.n, args.max_new_tokens,
+                                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                              seed=args.seed, stop_ids=stops, mesh=mesh,
+                                              key_ids=[stable_key_id(str(p["id"])) for p in batch])
+                recs = []
+                for p, samples in zip(batch, outs):
+                    for k, toks in enumerate(samples):
+                        text = tok.decode(toks, skip_special_tokens=True)
+                        stats["tokens"] += len(toks)
+                        stats["truncated"] += int(not toks or toks[-1] not in stops)
+                        recs.append({**p, "id": f"{p['id']}-{k}", "problem_id": p["id"], "steps": split_steps(text),
+                                     "final_answer": extract_answer(text), "generator": generator})
+                correct = grader.grade_many([r["final_answer"] for r in recs], [r["answer"] for r in recs])
+                for r, ok in zip(recs, correct):
+                    r["final_answer_correct"] = ok
+                    if out.write(r):
+                        stats["written"] += 1
+                        stats["correct"] += int(ok)
+                        stats["no_answer"] += int(r["final_answer"] is None)
+                bar.update(len(batch))
+            bar.close()
+    dt = time.perf_counter() - t0
+    n = stats["written"]
+    print(f"sample: wrote {n} solutions for {len(todo)} problems to {out_path} in {dt:.1f}s "
+          f"({stats['tokens']} tokens, {stats['tokens'] / max(dt, 1e-9):.1f} tok/s)")
+    if n:
+        print(f"sample: accuracy {stats['correct'] / n:.3f} ({stats['correct']}/{n}), "
+              f"no final answer {stats['no_answer']}, hit max-new-tokens {stats['truncated']}")
+    return 0
+
+
+# -- rollout --------------------------------------------------------------------------------------------
+
+def run_rollout(args) -> int:
+    from prm_jax.labeling.grading import Grader
+    from prm_jax.labeling.mc import MCConfig, SamplerPolicy, hard_labels, label_solutions
+    from prm_jax.records import ResumableWriter, process_shard
+
+    try:
+        cfg = MCConfig(n=args.n, threshold=args.threshold, mode=args.mode, max_prefixes=args.max_prefixes)
+    except ValueError as e:
+        raise SystemExit(f"prm-jax rollout: {e}") from None
+    solutions = read_solutions(args.solutions)
+    pidx, pcount, mesh, out_path = _setup(args)
+    solutions = process_shard(solutions, pidx, pcount)
+    t0 = time.perf_counter()
+    stats = collections.Counter()
+    first_errors: collections.Counter = collections.Counter()
+    with ResumableWriter(out_path) as out, Grader(args.grade_workers, args.grade_timeout) as grader:
+        todo = [s for s in solutions if s["id"] not in out.done]
+        print(f"rollout: {len(solutions)} solutions, {len(solutions) - len(todo)} already done in {out_path}",
+              file=sys.stderr)
+        policy = None
+        if todo:
+            model, tok = _load_policy(args, mesh)
+            policy = SamplerPolicy(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                   system_prompt=_system(args), mesh=mesh)
+            bar = _progress(len(todo), f"rollout ({args.mode}, n={args.n})", args.no_progress)
+            for start in range(0, len(todo), args.batch_size):
+                batch = todo[start:start + args.batch_size]
+                mcs = label_solutions(batch, policy, cfg, grade=grader.grade_many)
+                for s, mc in zip(batch, mcs):
+                    if out.write({**s, "mc": mc}):
+                        labels = hard_labels(mc)
+                        stats["written"] += 1
+                        stats["steps"] += len(labels)
+                        stats["evaluated"] += sum(c is not None for c in mc["correct"])
+                        stats["positive"] += sum(labels)
+                        stats["rollouts"] += mc["rollouts"]
+                        first_errors[mc["first_error"]] += 1
+                bar.update(len(batch))
+                bar.set_postfix(rollouts=stats["rollouts"])
+            bar.close()
+    dt = time.perf_counter() - t0
+    n = stats["written"]
+    tokens = policy.tokens_generated if policy else 0
+    print(f"rollout: wrote {n} MC-labelled solutions to {out_path} in {dt:.1f}s; mode {args.mode}, "
+          f"n={args.n}, threshold {args.threshold}")
+    print(f"rollout: {stats['rollouts']} rollouts ({stats['rollouts'] / max(dt, 1e-9):.1f}/s, {tokens} tokens), "
+          f"{stats['evaluated']} of {stats['steps']} steps evaluated")
+    if n:
+        none = first_errors.pop(-1, 0)
+        mean_fe = (sum(k * v for k, v in first_errors.items()) / sum(first_errors.values())) if first_errors else 0.0
+        print(f"rollout: steps positive {stats['positive'] / max(stats['steps'], 1):.3f}; "
+              f"solutions without an error {none}/{n}; mean first error (when one) {mean_fe:.2f}")
+    return 0

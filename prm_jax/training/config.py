@@ -1,0 +1,187 @@
+"""Training configuration: one frozen dataclass per concern, loadable from YAML, overridable with
+`--set key=value` (a bare field name such as `lr`, or `section.field` such as `optim.lr`).
+
+YAML layout (every key optional; unknown keys are errors):
+
+    model: {preset, overrides, tokenizer, dtype, param_dtype, remat}
+    data:  {max_length, batch_size, pack, buckets, step_token, system_prompt}
+    optim: {lr, warmup_steps, min_lr_ratio, weight_decay, b1, b2, eps, clip_norm, accum_steps}
+    run:   {steps, seed, mesh, log_every, eval_every, eval_batch_size, save_every, keep, peak_flops, export_hf}
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    preset: str | None = None  # fresh model: tiny | small | qwen2_5_1_5b | qwen2_5_math_7b (no --init)
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # Qwen2Config fields of a fresh model
+    tokenizer: str | None = None  # tokenizer dir (default: the --init dir)
+    dtype: str = "float32"  # compute dtype; "bfloat16" with param_dtype float32 = bf16 compute, f32 master weights
+    param_dtype: str = "float32"
+    remat: bool = False  # recompute each layer's activations in the backward pass
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    max_length: int = 2048
+    batch_size: int = 8  # sequences (rows) per optimizer step, all accumulation micro-batches together
+    pack: bool = False  # first-fit packing with segment ids instead of padding to buckets
+    buckets: tuple[int, ...] = ()  # padded lengths; () = max_length/4, /2, /1
+    step_token: str = DEFAULT_STEP_TOKEN
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine decays from lr to lr * min_lr_ratio at run.steps
+    weight_decay: float = 0.0  # AdamW decoupled decay; applied to matrices only (not biases / norms)
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0  # global-norm clipping (None = off)
+    accum_steps: int = 1  # gradient accumulation micro-batches per step
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    steps: int = 1000
+    seed: int = 0  # data shuffle and the init of fresh weights (score head, fresh models)
+    mesh: str | None = None  # "data=2,fsdp=2,tensor=2"; None = all devices on data
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end (when an eval file is given)
+    eval_batch_size: int = 0  # 0 = the micro-batch size
+    save_every: int = 500
+    keep: int = 3  # checkpoints kept
+    peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None = from the device kind
+    export_hf: bool = True  # write OUT/hf at the end
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check/convert a YAML value to a field's annotated type; errors name the key."""
+    hint = annotation
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if hint is Any:
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], where) for v in value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _section(cls, values: dict[str, Any], where: str):
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for k, v in values.items():
+        if k not in hints:
+            raise ValueError(f"{where}: unknown key {k!r}; expected one of {', '.join(hints)}")
+        kw[k] = _coerce(v, hints[k], f"{where}.{k}")
+    return cls(**kw)
+
+
+def from_dict(d: dict[str, Any] | None, source: str = "config") -> TrainConfig:
+    d = d or {}
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: expected a mapping with sections {', '.join(_SECTION_CLASSES)}")
+    for k in d:
+        if k not in _SECTION_CLASSES:
+            raise ValueError(f"{source}: unknown section {k!r}; expected one of {', '.join(_SECTION_CLASSES)}")
+    return TrainConfig(**{name: _section(cls, d.get(name) or {}, f"{source}:{name}")
+                          for name, cls in _SECTION_CLASSES.items()})
+
+
+def load_config(path: str | None) -> TrainConfig:
+    if not path:
+        return TrainConfig()
+    with open(path, encoding="utf-8") as f:
+        return from_dict(yaml.safe_load(f), source=path)
+
+
+def resolve_key(key: str) -> tuple[str, str]:
+    """`lr` -> ("optim", "lr"); `optim.lr` -> ("optim", "lr"). Errors on unknown/ambiguous names."""
+    if "." in key:
+        section, _, name = key.partition(".")
+        if section not in _SECTION_CLASSES or name not in {f.name for f in dataclasses.fields(_SECTION_CLASSES[section])}:
+            raise ValueError(f"--set {key}: unknown key")
+        return section, name
+    hits = [s for s, cls in _SECTION_CLASSES.items() if key in {f.name for f in dataclasses.fields(cls)}]
+    if not hits:
+        raise ValueError(f"--set {key}: unknown key")
+    if len(hits) > 1:
+        raise ValueError(f"--set {key}: ambiguous, write one of {', '.join(f'{s}.{key}' for s in hits)}")
+    return hits[0], key
+
+
+def apply_overrides(cfg: TrainConfig, assignments: list[str] | None) -> TrainConfig:
+    """Apply `key=value` strings (values parsed as YAML: 3e-6, true, [128, 256], null)."""
+    d = cfg.to_dict()
+    for a in assignments or []:
+        key, sep, text = a.partition("=")
+        if not sep:
+            raise ValueError(f"--set {a!r}: expected key=value")
+        section, name = resolve_key(key.strip())
+        d[section][name] = yaml.safe_load(text) if text.strip() else None
+    return from_dict(d, source="--set")

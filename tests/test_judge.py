@@ -1,0 +1,415 @@
+"""The LLM judge: verdict parser (table of realistic replies), templates, voting, and the clients
+end to end against a real loopback HTTP server (tests/judge_fixture.py) that injects faults."""
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from prm_jax.labeling import commands
+from prm_jax.labeling.judge import (JudgeTemplate, Solution, judge_solutions, load_template, majority_vote,
+                                    parse_template, parse_verdict, read_solutions)
+from prm_jax.labeling.judge_clients import (OpenAIClient, RetryPolicy, SamplingParams, SGLangClient,
+                                            parse_retry_after)
+from prm_jax.records import RecordError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from judge_fixture import GARBAGE_REPLY, JudgeFixture, conclusion_reply  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = RetryPolicy(max_retries=3, base_delay=0.01, max_delay=0.05)
+
+# --------------------------------------------------------------------------- parser
+
+CRITIQUE_OK = """<analysis_1>
+The paragraph computes 3 + 12 = 15, which is right.
+</analysis_1>
+
+<analysis_2>
+15 * 4 = 60 is correct. Note the solution ends with \\boxed{53}, which we check next.
+</analysis_2>
+
+<analysis_3>
+60 - 7 = 53, correct, so the final \\boxed{53} is consistent.
+</analysis_3>
+
+<analysis_4>
+The answer statement restates 53. Correct.
+</analysis_4>
+
+<conclusion>Correct</conclusion>"""
+
+CRITIQUE_BAD_2 = """<analysis_1>
+Tom starts with 3 apples and buys 12 more: 3 + 12 = 15. This paragraph is correct.
+</analysis_1>
+
+<analysis_2>
+The paragraph claims 15 * 4 = 64, but 15 * 4 = 60. This paragraph is incorrect.
+</analysis_2>
+
+<conclusion>Incorrect</conclusion>"""
+
+# (reply, n_steps, index_base, style) -> expected 0-based first error (-1 none, None unreadable)
+PARSER_TABLE = [
+    ("conclusion: all correct despite quoted boxed answers", CRITIQUE_OK, 4, 1, "conclusion", -1),
+    ("conclusion: stops at paragraph 2 (1-based)", CRITIQUE_BAD_2, 4, 1, "conclusion", 1),
+    ("conclusion: 0-based analysis tags", CRITIQUE_BAD_2.replace("_1>", "_0>").replace("_2>", "_1>"), 4, 0,
+     "conclusion", 1),
+    ("conclusion: bold and lower case", "<analysis_1>ok</analysis_1>\n<analysis_2>x</analysis_2>\n"
+     "<analysis_3>wrong sign</analysis_3>\n<conclusion>**incorrect**</conclusion>", 4, 1, "auto", 2),
+    ("conclusion: paragraph tags as analysis headers", "<paragraph_1> fine\n<paragraph_2> wrong\n"
+     "<conclusion>Incorrect</conclusion>", 3, 1, "conclusion", 1),
+    ("conclusion: Incorrect without any analysed paragraph", "The solution is wrong.\n"
+     "<conclusion>Incorrect</conclusion>", 4, 1, "conclusion", None),
+    ("conclusion: analysed paragraph beyond the solution", "<analysis_5>bad</analysis_5>"
+     "<conclusion>Incorrect</conclusion>", 4, 1, "conclusion", None),
+    ("conclusion: neither word", "<analysis_1>meh</analysis_1><conclusion>Partially correct</conclusion>",
+     4, 1, "conclusion", None),
+    ("conclusion: cut off before the verdict", "<analysis_1>\nFine.\n</analysis_1>\n<analysis_2>\nThe comp",
+     4, 1, "conclusion", None),
+    ("conclusion: draft inside <think> is ignored",
+     "<think>maybe <conclusion>Correct</conclusion>? let me recheck</think>\n" + CRITIQUE_BAD_2, 4, 1, "auto", 1),
+    ("boxed: earliest error 2 (0-based)", "Paragraph 0 is fine. Paragraph 1 is fine. Paragraph 2 divides by "
+     "zero.\n\nThe earliest error is in paragraph 2.\n\n\\boxed{2}", 5, 0, "boxed", 2),
+    ("boxed: none", "All paragraphs check out.\n\n\\boxed{-1}", 5, 0, "boxed", -1),
+    ("boxed: spaces and math mode", "So the answer is $\\boxed{ 3 }$.", 5, 0, "boxed", 3),
+    ("boxed: text-wrapped minus one", "\\boxed{\\text{-1}}", 5, 0, "boxed", -1),
+    ("boxed: last box wins over a quoted answer", "Paragraph 1 concludes \\boxed{7}, but paragraph 1 is wrong."
+     "\n\nFinal: \\boxed{1}", 5, 0, "boxed", 1),
+    ("boxed: index past the last paragraph", "\\boxed{5}", 5, 0, "boxed", None),
+    ("boxed: 1-based index", "\\boxed{1}", 5, 1, "boxed", 0),
+    ("boxed: 0 under 1-based numbering is no paragraph", "\\boxed{0}", 5, 1, "boxed", None),
+    ("boxed: not a number", "\\boxed{paragraph 2}", 5, 0, "boxed", None),
+    ("boxed: unclosed", "The earliest error is \\boxed{2", 5, 0, "boxed", None),
+    ("boxed template, conclusion-style reply", CRITIQUE_BAD_2.replace("_1>", "_0>").replace("_2>", "_1>"),
+     4, 0, "boxed", 1),
+    ("auto: boxed-only reply", "Error found.\n\\boxed{0}", 3, 0, "auto", 0),
+    ("garbage", GARBAGE_REPLY, 4, 1, "auto", None),
+    ("empty", "", 4, 1, "auto", None),
+]
+
+
+@pytest.mark.parametrize("name,reply,n,base,style,expected", PARSER_TABLE, ids=[r[0] for r in PARSER_TABLE])
+def test_parse_verdict(name, reply, n, base, style, expected):
+    assert parse_verdict(reply, n, base, style) == expected
+
+
+def test_fixture_critique_matches_what_it_names():
+    for base in (0, 1):
+        for fe in (-1, 0, 2, 4):
+            assert parse_verdict(conclusion_reply(fe, 5, base), 5, base) == fe
+
+
+@pytest.mark.parametrize("votes,expected", [
+    ([2], 2), ([2, 2, 1], 2), ([None, None, -1], -1), ([None, None], None), ([1, 2], None),
+    ([1, 2, None, 2], 2), ([-1, -1, 3, 3], None), ([], None),
+])
+def test_majority_vote(votes, expected):
+    assert majority_vote(votes) == expected
+
+
+# --------------------------------------------------------------------------- templates
+
+def test_shipped_templates_render_steps_with_their_numbering():
+    problem = "Compute $\\frac{1}{2} + {x}$ where {steps} is literal text."
+    steps = ["Step with {braces} and \\boxed{1}.", "Second."]
+    t1 = load_template("default")
+    assert t1.index_base == 1 and t1.verdict == "conclusion" and t1.system
+    user = t1.messages(problem, steps)[-1]["content"]
+    assert "<paragraph_1>\nStep with {braces} and \\boxed{1}.\n</paragraph_1>\n\n<paragraph_2>\nSecond.\n</paragraph_2>" in user
+    assert problem in user  # inserted values are not re-scanned for placeholders
+    t0 = load_template("boxed")
+    msgs = t0.messages(problem, steps)
+    assert t0.index_base == 0 and t0.verdict == "boxed" and [m["role"] for m in msgs] == ["user"]
+    assert "<paragraph_0>\nStep with" in msgs[0]["content"] and "<paragraph_1>\nSecond." in msgs[0]["content"]
+
+
+def test_custom_template_file(tmp_path):
+    p = tmp_path / "mine.txt"
+    p.write_text("---\nindex_base: 0\nverdict: boxed\nparagraph: '[{index}] {text}'\njoiner: ' | '\n---\n"
+                 "Q: {problem}\nS: {steps}\n")
+    t = load_template(p)
+    assert t.messages("1+1?", ["a", "b"]) == [{"role": "user", "content": "Q: 1+1?\nS: [0] a | [1] b"}]
+    with pytest.raises(ValueError, match="unknown front-matter keys"):
+        parse_template("---\nbase: 1\n---\n{problem} {steps}")
+    with pytest.raises(ValueError, match=r"lacks the \{steps\}"):
+        parse_template("{problem}")
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        JudgeTemplate(body="{problem}{steps}", verdict="stars")
+    with pytest.raises(FileNotFoundError):
+        load_template("no-such-template")
+
+
+def test_bad_solution_lines_name_file_and_line(tmp_path):
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"id": 1, "problem": "p", "steps": ["a"]}\n{"id": 2, "problem": "p", "steps": []}\n')
+    with pytest.raises(RecordError, match=r"s\.jsonl:2: key 'steps' should be a non-empty list"):
+        read_solutions(str(p))
+    p.write_text('{"id": 1, "problem": "p", "steps": ["a"]}\n{"id": 1, "problem": "p", "steps": ["b"]}\n')
+    with pytest.raises(RecordError, match=r"s\.jsonl:2: duplicate id 1"):
+        read_solutions(str(p))
+
+
+# --------------------------------------------------------------------------- clients against the fixture
+
+def make_solutions(n: int, n_steps: int = 4) -> tuple[list[Solution], dict[int, int]]:
+    """Solutions whose problem tells the fixture which step to name; expected verdict by id."""
+    truth = {i: (i % (n_steps + 1)) - 1 for i in range(n)}  # -1, 0, 1, ..., n_steps-1
+    sols = [Solution({"id": i, "problem": f"<case-{i}> Problem {i}. [first_error={truth[i]}]",
+                      "steps": [f"step {k} of solution {i}" for k in range(n_steps)], "extra": "kept"}, f"mem:{i}")
+            for i in range(n)]
+    return sols, truth
+
+
+def read_out(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def judge_with(client, sols, out, **kw):
+    async with client:
+        return await judge_solutions(sols, client, out_path=str(out), template=load_template(kw.pop("template", "default")),
+                                     model="judge-m", progress=False, **kw)
+
+
+@pytest.mark.parametrize("transport", ["lean", "httpx"])
+def test_openai_faults_every_record_judged_or_failed(tmp_path, transport):
+    sols, truth = make_solutions(20)
+    plan = {"<case-1>": ["500", "500"], "<case-2>": ["429"], "<case-3>": ["truncated"], "<case-4>": ["disconnect"],
+            "<case-5>": ["badshape"], "<case-6>": ["garbage"], "<case-7>": ["500"] * 4,
+            "<case-8>": ["chunked"], "<case-9>": ["close"], "<case-10>": ["close"]}  # the last two are no faults
+    out = tmp_path / "out.jsonl"
+    with JudgeFixture(fault_plan=plan) as fx:
+        client = OpenAIClient(fx.url, "judge-m", SamplingParams(), concurrency=4, retry=FAST, transport=transport)
+        s = run(judge_with(client, sols, out))
+        recs = read_out(out)
+        ids = [r["id"] for r in recs]
+        assert sorted(ids) == [i for i in range(20) if i != 7] and len(set(ids)) == len(ids)
+        for r in recs:
+            assert r["extra"] == "kept" and r["judge"]["model"] == "judge-m"
+            if r["id"] == 6:
+                assert r["judge"]["first_error"] is None and r["judge"]["raw"] == GARBAGE_REPLY
+            else:
+                assert r["judge"]["first_error"] == truth[r["id"]]
+        failed = read_out(f"{out}.failed.jsonl")
+        assert [f["id"] for f in failed] == [7] and "gave up after 4 attempts" in failed[0]["error"]
+        # 2 + 1 + 1 + 1 + 1 retried faults, and record 7 retried 3 times before giving up. httpx may also
+        # reuse a connection the server has just closed ("close" cases) and count that as a retry;
+        # the lean client reconnects without one.
+        stale = client.counters.errors.get("connection", 0) - 1
+        assert stale == 0 if transport == "lean" else 0 <= stale <= 2
+        assert (s.judged, s.failed, s.unparsed) == (19, 1, 1)
+        assert (client.counters.retries, client.counters.failures) == (9 + stale, 1)
+        assert client.counters.errors == {"http_500": 6, "http_429": 1, "malformed": 2, "connection": 1 + stale}
+        assert s.requests == 20 + 9 + stale and fx.counts["requests"] == 29
+
+        # The fault is gone: a rerun asks only for the failed record and clears the failed list.
+        client = OpenAIClient(fx.url, "judge-m", SamplingParams(), concurrency=4, retry=FAST, transport=transport)
+        s2 = run(judge_with(client, sols, out))
+        assert (s2.resumed, s2.judged, s2.requests) == (19, 1, 1)
+        assert sorted(r["id"] for r in read_out(out)) == list(range(20))
+        assert not os.path.exists(f"{out}.failed.jsonl")
+
+
+def test_sglang_native_batched_with_chat_template(tmp_path, toy_tokenizer):
+    sols, truth = make_solutions(10, n_steps=3)
+    out = tmp_path / "out.jsonl"
+    with JudgeFixture(fault_plan={"<case-5>": ["500"]}) as fx:
+        client = SGLangClient(fx.url, "judge-m", SamplingParams(max_new_tokens=64), tokenizer=toy_tokenizer,
+                              concurrency=2, retry=FAST)
+        s = run(judge_with(client, sols, out, batch_size=4, template="boxed"))
+        assert fx.counts["/health"] == 1 and fx.counts["/get_model_info"] == 1
+        assert client.model_info["model_path"] == "fixture-judge"
+        # 10 prompts in batches of 4, 4, 2; the batch holding case 5 was sent twice
+        assert fx.counts["/generate"] == 4 and s.requests == 4 and s.retries == 1
+        served = list(fx.prompts_served)
+        assert all(t.startswith("<|im_start|>user\n") and t.endswith("<|im_start|>assistant\n") for t in served)
+        assert all("<paragraph_0>" in t for t in served)
+        recs = read_out(out)
+        assert sorted(r["id"] for r in recs) == list(range(10))
+        assert all(r["judge"]["first_error"] == truth[r["id"]] for r in recs)
+        assert s.completion_tokens > 0 and s.prompt_tokens > 0
+
+
+def test_timeout_and_retry_after(tmp_path):
+    sols, truth = make_solutions(3)
+    with JudgeFixture(fault_plan={"<case-0>": ["slow"], "<case-1>": ["429"]}, slow_s=1.0, retry_after="7") as fx:
+        client = OpenAIClient(fx.url, "judge-m", SamplingParams(), concurrency=3, timeout=0.3, retry=FAST)
+        delays = []
+
+        async def fake_sleep(d):
+            delays.append(d)
+
+        client.sleep = fake_sleep
+        run(judge_with(client, sols, tmp_path / "out.jsonl"))
+        assert client.counters.errors == {"timeout": 1, "http_429": 1}
+        assert sorted(delays)[-1] >= 7.0 and sorted(delays)[0] <= FAST.max_delay  # Retry-After honoured
+        assert all(r["judge"]["first_error"] == truth[r["id"]] for r in read_out(tmp_path / "out.jsonl"))
+
+
+def test_retry_after_and_backoff_values():
+    import email.utils
+    import random
+
+    assert parse_retry_after("3") == 3.0 and parse_retry_after("0.5") == 0.5 and parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    later = email.utils.formatdate(time.time() + 100, usegmt=True)
+    assert 95 <= parse_retry_after(later) <= 100
+    pol, rng = RetryPolicy(base_delay=1.0, max_delay=5.0), random.Random(0)
+    for attempt, cap in [(0, 1.0), (1, 2.0), (2, 4.0), (3, 5.0), (9, 5.0)]:
+        d = pol.delay(attempt, None, rng)
+        assert cap / 2 <= d <= cap
+    assert pol.delay(0, 42.0, rng) == 42.0
+
+
+def test_rate_cap_spaces_request_starts(monkeypatch):
+    from prm_jax.labeling import judge_clients as jc
+
+    slept = []
+
+    async def fake_sleep(d):
+        slept.append(round(d, 9))
+
+    monkeypatch.setattr(jc.time, "monotonic", lambda: 100.0)  # no time passes between requests
+    monkeypatch.setattr(jc.asyncio, "sleep", fake_sleep)
+    limiter = jc.RateLimiter(10.0)
+
+    async def four():
+        for _ in range(4):
+            await limiter.wait()
+
+    asyncio.run(four())
+    assert slept == [0.1, 0.2, 0.3]  # the first request starts at once, the rest 1/rate apart
+
+
+def test_samples_majority_vote_and_cache(tmp_path):
+    """K=3 replies per solution; the fixture answers each prompt with 1, 1 and 3 in turn (any order)."""
+    counter = {}
+
+    def script(prompt):
+        k = counter.get(prompt, 0)
+        counter[prompt] = k + 1
+        return conclusion_reply([1, 3, 1][k % 3], 4)
+
+    sols, _ = make_solutions(4)
+    out = tmp_path / "out.jsonl"
+    with JudgeFixture(script=script) as fx:
+        client = OpenAIClient(fx.url, "judge-m", SamplingParams(temperature=0.7), concurrency=4, retry=FAST)
+        run(judge_with(client, sols, out, samples=3))
+        assert fx.counts["requests"] == 12
+        recs = read_out(out)
+        for r in recs:
+            assert r["judge"]["first_error"] == 1 and sorted(r["judge"]["votes"]) == [1, 1, 3]
+            assert parse_verdict(r["judge"]["raw"], 4) == 1
+
+        # Same cache, fresh output: every reply comes from the cache, no request is sent.
+        out2 = tmp_path / "again.jsonl"
+        client = OpenAIClient(fx.url, "judge-m", SamplingParams(temperature=0.7), concurrency=4, retry=FAST)
+        s = run(judge_with(client, sols, out2, samples=3, cache_path=f"{out}.cache.jsonl"))
+        assert s.requests == 0 and s.cache_hits == 12 and fx.counts["requests"] == 12
+        assert sorted(map(json.dumps, read_out(out2))) == sorted(map(json.dumps, recs))
+        # Other sampling parameters are another cache key.
+        client = OpenAIClient(fx.url, "judge-m", SamplingParams(temperature=0.5), concurrency=4, retry=FAST)
+        s = run(judge_with(client, sols, tmp_path / "t05.jsonl", samples=1, cache_path=f"{out}.cache.jsonl"))
+        assert s.requests == 4 and s.cache_hits == 0
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "prm_jax.labeling.commands", *map(str, args)]
+
+
+def test_kill9_then_restart_completes_the_set(tmp_path):
+    n = 60
+    sols, truth = make_solutions(n)
+    src = tmp_path / "solutions.jsonl"
+    src.write_text("".join(json.dumps(s.record) + "\n" for s in sols))
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with JudgeFixture(latency_s=0.05, fault_rate=0.05, fault_kinds=("500", "truncated"), seed=1) as fx:
+        cmd = _cli("judge", "--api", "openai", "--endpoint", fx.url, "--model", "judge-m", "--solutions", src,
+                   "--out", out, "--concurrency", 2, "--no-progress")
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists() and out.read_text().count("\n") >= 10:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the judge finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        before = len(out.read_text().splitlines())
+        assert 10 <= before < n
+        served_first = fx.counts["ok"]
+
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert f"{before} already done" in done.stdout
+        recs = read_out(out)
+        ids = [r["id"] for r in recs]
+        assert sorted(ids) == list(range(n)) and len(set(ids)) == n
+        assert all(r["judge"]["first_error"] == truth[r["id"]] for r in recs)
+        # At most the two replies in flight at the kill were asked for twice.
+        assert fx.counts["ok"] <= n + 2 and fx.counts["ok"] - served_first <= n - before + 2
+
+        again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0 and "0 sent" in again.stdout and f"{n} already done" in again.stdout
+
+
+def test_cli_sglang_takes_model_name_from_server(tmp_path, toy_tokenizer_dir, capsys):
+    sols, truth = make_solutions(3)
+    src = tmp_path / "solutions.jsonl"
+    src.write_text("".join(json.dumps(s.record) + "\n" for s in sols))
+    out = tmp_path / "out.jsonl"
+    with JudgeFixture() as fx:
+        rc = commands.main(["judge", "--api", "sglang", "--endpoint", fx.url, "--tokenizer", toy_tokenizer_dir,
+                            "--solutions", str(src), "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "3 judged" in printed and "requests: 3 sent" in printed
+    recs = read_out(out)
+    assert {r["judge"]["model"] for r in recs} == {"fixture-judge"}
+    assert all(r["judge"]["first_error"] == truth[r["id"]] for r in recs)
+
+
+def test_local_backend_round_trip(tmp_path, toy_tokenizer_dir, toy_tokenizer):
+    """A tiny random model: the prompt is built with the chat template, prm_jax.generate runs, and the
+    reply (whatever it is) is parsed to None or a valid index; the text equals a direct generate call."""
+    import torch
+    from transformers import Qwen2Config as HFConfig
+    from transformers import Qwen2ForCausalLM as HFCausalLM
+
+    from prm_jax.labeling.judge_clients import LocalClient
+    from prm_jax.sampling.sampler import generate
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "judge"
+    HFCausalLM(HFConfig(vocab_size=len(toy_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+               ).save_pretrained(model_dir)
+    toy_tokenizer.save_pretrained(model_dir)
+    tpl = tmp_path / "short.txt"
+    tpl.write_text("---\nindex_base: 1\n---\n{problem}\n{steps}\n")
+    sols = [Solution({"id": i, "problem": f"3 + {i} = ?", "steps": ["3 + 12 = 15", "15 * 4 = 60"]}, f"mem:{i}")
+            for i in range(2)]
+    client = LocalClient(str(model_dir), SamplingParams(max_new_tokens=6, temperature=0.0))
+    out = tmp_path / "out.jsonl"
+    s = run(judge_with(client, sols, out, template=str(tpl), batch_size=2))
+    recs = read_out(out)
+    assert s.judged == 2 and s.requests == 1 and s.completion_tokens > 0
+    for r in recs:
+        assert r["judge"]["first_error"] in (None, -1, 0, 1)
+    msgs = [{"role": "user", "content": "3 + 0 = ?\n<paragraph_1>\n3 + 12 = 15\n</paragraph_1>\n\n"
+                                        "<paragraph_2>\n15 * 4 = 60\n</paragraph_2>"}]
+    ids = toy_tokenizer.encode(toy_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                               add_special_tokens=False)
+    # the same batch shape as the client's call, so no new compilation
+    direct = generate(client.model, [ids, ids], max_new_tokens=6, temperature=0.0, stop_ids=client.stop_ids)[0]
+    expect = toy_tokenizer.decode([t for t in direct if t not in client.stop_ids], skip_special_tokens=True)
+    assert next(r for r in recs if r["id"] == 0)["judge"]["raw"] == expect

@@ -1,0 +1,274 @@
+"""The toy world: generator, exact step checker, error injector, critic data, truth metrics.
+
+References are independent of the code under test: a small interpreter of the problem text
+written here, hand-written solutions with hand-derived labels, hand-computed metrics, and the
+judge module's own verdict parser for the critic replies."""
+import math
+import random
+import re
+
+import pytest
+
+from prm_jax.toyworld import truth, world
+from prm_jax.toyworld.world import ERROR_KINDS, WorldConfig, check_steps
+
+# ------------------------------------------------------------------ an independent reading of the text
+
+_SENTENCES = [  # (regex on one sentence, op)
+    (r"(?:finds|buys) (\d+) more \w+", "+"),
+    (r"(?:gives away|loses) (\d+) \w+", "-"),
+    (r"ends up with (\d+) times as many \w+", "*"),
+    (r"the number of \w+ (?:he|she) has grows (\d+) times", "*"),
+    (r"splits the \w+ into (\d+) equal piles and keeps one pile", "/"),
+    (r"puts the \w+ into (\d+) equal boxes and keeps one box", "/"),
+]
+
+
+def interpret(problem: str) -> tuple[int, list[tuple[str, int]], int]:
+    """(start, ops, answer) read from the problem text alone."""
+    sentences = [s.strip() for s in problem.split(".") if s.strip()]
+    start = int(re.fullmatch(r"\w+ has (\d+) \w+", sentences[0]).group(1))
+    assert sentences[-1].startswith("How many")
+    ops, value = [], start
+    for s in sentences[1:-1]:
+        s = re.sub(r"^Then ", "", s)
+        s = s[0].lower() + s[1:]
+        s = re.sub(r"^(?:he|she) ", "", s)
+        for pattern, op in _SENTENCES:
+            m = re.fullmatch(pattern, s)
+            if m:
+                n = int(m.group(1))
+                ops.append((op, n))
+                assert op != "/" or value % n == 0
+                value = {"+": value + n, "-": value - n, "*": value * n, "/": value // n}[op]
+                break
+        else:
+            raise AssertionError(f"unknown sentence {s!r}")
+    return start, ops, value
+
+
+def test_generator_is_deterministic_and_matches_its_text():
+    cfg = WorldConfig(min_steps=2, max_steps=5, ops=("+", "-", "*", "/"), max_value=60)
+    a = world.generate_problems(200, seed=5, cfg=cfg)
+    assert a == world.generate_problems(200, seed=5, cfg=cfg)
+    assert [r["problem"] for r in a] != [r["problem"] for r in world.generate_problems(200, seed=6, cfg=cfg)]
+    assert len({r["id"] for r in a}) == 200
+    seen_ops = set()
+    for rec in a:
+        start, ops, answer = interpret(rec["problem"])
+        assert start == rec["world"]["start"]
+        assert ops == [tuple(o) for o in rec["world"]["ops"]]
+        assert rec["answer"] == str(answer)
+        assert 2 <= len(ops) <= 5
+        # every running value is a non-negative integer within max_value
+        value = start
+        for op, n in ops:
+            if op == "/":
+                assert value % n == 0
+            value = {"+": value + n, "-": value - n, "*": value * n, "/": value // n}[op]
+            assert 0 <= value <= cfg.max_value
+            seen_ops.add(op)
+    assert seen_ops == {"+", "-", "*", "/"}
+
+
+# ------------------------------------------------------------------ the checker on hand-written steps
+
+W = {"start": 7, "ops": [["+", 5], ["-", 3], ["*", 2]]}  # 7 -> 12 -> 9 -> 18
+RIGHT = ["7 + 5 = 12", "12 - 3 = 9", "9 * 2 = 18. The answer is \\boxed{18}."]
+
+CASES = [  # (steps, first error, reason, final answer correct)
+    (RIGHT, -1, None, True),
+    (["7+5=12", "12 -3= 9", "9 x 2 = 18", "The answer is \\boxed{ 18 }."], -1, None, True),
+    (["7 + 5 = 13", "13 - 3 = 10", "10 * 2 = 20. The answer is \\boxed{20}."], 0, "arithmetic", False),
+    (["7 + 5 = 12", "12 - 4 = 8", "8 * 2 = 16. The answer is \\boxed{16}."], 1, "wrong_operand", False),
+    (["7 + 5 = 12", "12 + 3 = 15", "15 * 2 = 30. The answer is \\boxed{30}."], 1, "wrong_operation", False),
+    (["7 + 5 = 12", "13 - 3 = 10", "10 * 2 = 20. The answer is \\boxed{20}."], 1, "wrong_carry", False),
+    (["7 + 5 = 12", "12 * 2 = 24. The answer is \\boxed{24}."], 1, "wrong_operation", False),  # skipped "- 3"
+    (["7 + 5 = 12", "then take away three", "9 * 2 = 18. The answer is \\boxed{18}."], 1, "unparseable", True),
+    # a correct-looking (even true) step after an earlier error does not move the label
+    (["7 + 5 = 13", "12 - 3 = 9", "9 * 2 = 18. The answer is \\boxed{18}."], 0, "arithmetic", True),
+    (["7 + 5 = 12. The answer is \\boxed{12}."], 0, "premature_answer", False),
+    (["7 + 5 = 12", "12 - 3 = 9"], 1, "unfinished", False),
+    (["7 + 5 = 12", "12 - 3 = 9", "9 * 2 = 18"], 2, "missing_answer", False),
+    (RIGHT + ["18 + 0 = 18"], 3, "after_answer", True),
+    (["7 + 5 = 12", "12 - 3 = 9", "9 * 2 = 18", "18 - 1 = 17"], 3, "extra_step", False),
+    (["7 + 5 = 12", "12 - 3 = 9", "9 * 2 = 18. The answer is \\boxed{17}."], 2, "wrong_answer", False),
+]
+
+
+@pytest.mark.parametrize("steps,first_error,reason,final_ok", CASES)
+def test_check_steps_hand_written(steps, first_error, reason, final_ok):
+    v = check_steps(W, steps)
+    assert (v.first_error, v.reason, v.final_answer_correct) == (first_error, reason, final_ok)
+    cut = len(steps) if first_error < 0 else first_error
+    assert v.step_correct == tuple(i < cut for i in range(len(steps)))
+    # a record with a "world" key is accepted the same way
+    assert check_steps({"id": "x", "world": W}, steps).first_error == first_error
+
+
+def test_check_steps_edge_cases():
+    assert check_steps(W, []).first_error is None
+    with pytest.raises(ValueError, match="toy world"):
+        check_steps({"id": "r1", "problem": "?"}, RIGHT)
+    with pytest.raises(TypeError):
+        check_steps(W, "7 + 5 = 12")
+    assert world.write_solution(W) == RIGHT
+
+
+# ------------------------------------------------------------------ the error injector
+
+def test_injector_puts_the_advertised_first_error():
+    problems = world.generate_problems(150, seed=11, cfg=WorldConfig(max_steps=5, ops=("+", "-", "*", "/")))
+    rng = random.Random(0)
+    made = {k: 0 for k in ERROR_KINDS}
+    for rec in problems:
+        ref = world.write_solution(rec)
+        for kind in ERROR_KINDS:
+            for step in range(len(rec["world"]["ops"])):
+                steps = world.inject_error(rec, kind, step, rng)
+                if steps is None:
+                    continue
+                made[kind] += 1
+                v = check_steps(rec, steps)
+                assert v.first_error == step, (rec["world"], kind, step, steps)
+                expected = {"wrong_operation", "wrong_operand"} if kind == "skipped_step" else {kind}
+                assert v.reason in expected
+                assert steps[:step] == ref[:step]
+                assert world.extract_answer(steps) is not None  # the wrong solution still ends in an answer
+    assert all(n > 50 for n in made.values()), made
+
+
+def test_injector_hand_case():
+    steps = world.inject_error(W, "arithmetic", 1, random.Random(3))
+    assert steps[0] == "7 + 5 = 12"
+    a, op, b, c = re.fullmatch(r"(\d+) (.) (\d+) = (\d+)", steps[1]).groups()
+    assert (a, op, b) == ("12", "-", "3") and c != "9"
+    # continued consistently from the wrong value, boxed at the end
+    assert steps[2] == f"{c} * 2 = {int(c) * 2}. The answer is \\boxed{{{int(c) * 2}}}."
+    assert world.inject_error(W, "skipped_step", 2, random.Random(0)) is None  # last op cannot be skipped here
+
+
+def test_sample_solutions_and_processbench_records():
+    problems = world.generate_problems(60, seed=2)
+    sols = world.sample_solutions(problems, seed=4, error_rate=0.5)
+    assert sols == world.sample_solutions(problems, seed=4, error_rate=0.5)
+    wrong = [s for s in sols if s["generator"].startswith("toy-error:")]
+    assert 15 < len(wrong) < 45
+    for s in sols:
+        pb = world.processbench_record(s)
+        assert set(pb) >= {"id", "generator", "problem", "steps", "final_answer_correct", "label", "world"}
+        assert (pb["label"] == -1) == (s["generator"] == "toy-reference")
+        assert pb["final_answer_correct"] == (s["final_answer"] == s["answer"])
+
+
+# ------------------------------------------------------------------ truth metrics, by hand
+
+def test_baseline_f1_hand_set():
+    three = ["a", "b", "c"]
+    records = [
+        {"steps": three, "final_answer_correct": True, "label": -1},   # pred -1: right
+        {"steps": three, "final_answer_correct": True, "label": -1},   # pred -1: right
+        {"steps": three, "final_answer_correct": False, "label": 2},   # pred 2: right
+        {"steps": three, "final_answer_correct": False, "label": 0},   # pred 2: wrong
+        {"steps": three, "final_answer_correct": True, "label": 1},    # pred -1: wrong
+    ]
+    assert [truth.outcome_baseline(r) for r in records] == [-1, -1, 2, 2, -1]
+    got = truth.baseline_f1(records)
+    assert got["acc_error"] == pytest.approx(1 / 3) and got["acc_correct"] == 1.0
+    assert got["f1"] == pytest.approx(2 * (1 / 3) / (1 / 3 + 1))  # = 0.5
+    assert (got["n_error"], got["n_correct"]) == (3, 2)
+
+
+def test_label_quality_hand_case():
+    three = ["s0", "s1", "s2"]
+    t = {"a": -1, "b": 1, "c": 2, "d": 0}
+    judged = [
+        {"id": "a", "steps": three, "judge": {"first_error": -1}},
+        {"id": "b", "steps": three, "judge": {"first_error": 1}},
+        {"id": "c", "steps": three, "judge": {"first_error": 0}},
+        {"id": "d", "steps": three, "judge": {"first_error": None}},  # unparsed verdict
+        {"id": "e", "steps": three, "judge": {"first_error": 1}},     # no truth
+    ]
+    q = truth.label_quality(judged, t, "judge")
+    assert (q["n"], q["n_unlabelled"], q["n_no_truth"]) == (3, 1, 1)
+    assert q["first_error_accuracy"] == pytest.approx(2 / 3)
+    assert q["earlier"] == pytest.approx(1 / 3) and q["later"] == 0
+    # labelled steps: a 0,1,2 (all correct, truly correct); b 0 ok/ok, 1 err/err; c 0 err/truly ok
+    # error class: tp=1 (b1), fp=1 (c0), fn=0; correct class: tp=4, fp=0, fn=1
+    assert q["n_steps"] == 6 and q["step_accuracy"] == pytest.approx(5 / 6)
+    assert (q["step_precision"], q["step_recall"]) == (0.5, 1.0)
+    assert q["step_f1"] == pytest.approx(2 / 3)
+    assert (q["correct_precision"], q["correct_recall"]) == (1.0, 0.8)
+    assert q["correct_f1"] == pytest.approx(8 / 9)
+    assert q["false_correct"] == 0 and q["false_error"] == 0
+
+    # training records (consensus output): labels up to the first error; MC blocks
+    train = [{"id": "b", "labels": [1, 0]}, {"id": "c", "labels": [1, 1, 1]}]
+    q = truth.label_quality(train, t, "labels")
+    assert q["n"] == 2 and q["first_error_accuracy"] == 0.5 and q["later"] == 0.5
+    assert q["false_correct"] == 0.5 and math.isnan(q["false_error"])
+    mc = [{"id": "a", "steps": three, "mc": {"first_error": 1}}, {"id": "d", "steps": three, "mc": {"first_error": 7}}]
+    q = truth.label_quality(mc, t, "mc")
+    assert (q["n"], q["n_unlabelled"], q["false_error"]) == (1, 1, 1.0)
+    assert truth.clean_nan(q)["first_error_accuracy"] == 0.0
+
+
+def test_true_first_errors():
+    recs = [{"id": "r", "world": W, "steps": CASES[4][0]}, {"id": "s", "world": W, "steps": RIGHT}]
+    assert truth.true_first_errors(recs) == {"r": 1, "s": -1}
+
+
+# ------------------------------------------------------------------ tokenizer and critic
+
+def test_tokenizer_round_trip(tmp_path):
+    from prm_jax.toyworld.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(world.tokenizer_corpus(60, seed=1), str(tmp_path), vocab_size=320)
+    problems = world.generate_problems(10, seed=99, cfg=WorldConfig(ops=("+", "-", "*", "/")))
+    for sol in world.sample_solutions(problems, seed=1, error_rate=0.5):
+        messages = world.chat_messages(sol["problem"], sol["steps"])
+        text = world.render_chat(messages)
+        ids = tok.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == text
+        assert tok.apply_chat_template(messages, tokenize=False) == text
+        assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3
+        digits = [t for t in tok.convert_ids_to_tokens(ids) if any(ch.isdigit() for ch in t)]
+        assert all(len(t) == 1 for t in digits)  # one digit per token
+
+
+@pytest.mark.parametrize("template_name", ["toy", "boxed", "default"])
+def test_critic_reply_parses_to_the_truth(template_name):
+    from prm_jax.labeling.judge import load_template, parse_verdict
+    from prm_jax.toyworld import critic
+
+    template = critic.toy_judge_template() if template_name == "toy" else load_template(template_name)
+    problems = world.generate_problems(40, seed=8)
+    sols = world.sample_solutions(problems, seed=3, error_rate=0.7)
+    sols.append({**problems[0], "id": "free-form", "steps": ["no idea", "The answer is \\boxed{3}."]})
+    for sol in sols:
+        reply = critic.critic_reply(sol, sol["steps"], template.index_base, template.verdict)
+        want = check_steps(sol, sol["steps"]).first_error
+        assert parse_verdict(reply, len(sol["steps"]), template.index_base, template.verdict) == want
+    examples = critic.critic_examples(sols[:5], template)
+    assert [e["messages"][-1]["role"] for e in examples] == ["assistant"] * 5
+    assert sols[0]["problem"] in examples[0]["messages"][-2]["content"]
+
+
+def test_cli_problems_solutions_truth(tmp_path):
+    from prm_jax.cli import main
+    from prm_jax.records import RecordError, read_jsonl
+
+    p, s, t = (str(tmp_path / f) for f in ("p.jsonl", "s.jsonl", "t.jsonl"))
+    assert main(["toy", "problems", "--n", "30", "--seed", "3", "--size", "tiny", "--out", p]) == 0
+    problems = read_jsonl(p)
+    assert len(problems) == 30 and all(2 <= len(r["world"]["ops"]) <= 3 for r in problems)
+    assert all(interpret(r["problem"])[2] == int(r["answer"]) for r in problems)
+    assert main(["toy", "solutions", "--problems", p, "--out", s, "--per-problem", "2", "--error-rate", "0.5"]) == 0
+    assert main(["toy", "truth", "--solutions", s, "--out", t]) == 0
+    rows = read_jsonl(t)
+    assert len(rows) == 60
+    for row in rows:
+        assert (row["label"] == -1) == (row["generator"] == "toy-reference")
+    (tmp_path / "bad.jsonl").write_text('{"id": 1, "problem": "x", "answer": "1"}\n')
+    with pytest.raises(RecordError, match=r"bad.jsonl:1: .*toy world"):
+        main(["toy", "solutions", "--problems", str(tmp_path / "bad.jsonl"), "--out", s])
