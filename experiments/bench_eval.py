@@ -15,7 +15,10 @@ and is reported separately). Peer: each batch right-padded to its own longest ro
 needed in eager torch), one forward under torch.inference_mode, step scores read out at the step
 tokens. Scores are compared, then each side is timed `--repeats` times; medians are printed.
 
-    python experiments/bench_eval.py [--samples 256] [--max-length 1024] [--batch-size 16] [--repeats 3]
+The default size keeps one run within about five minutes on a 2-core CPU; on a bigger machine
+pass e.g. --samples 256.
+
+    python experiments/bench_eval.py [--samples 24] [--max-length 1024] [--batch-size 8] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -28,7 +31,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.environ.get("PRM_JAX_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
@@ -87,9 +89,9 @@ def torch_peer(prm_dir: str):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--samples", type=int, default=24)
     ap.add_argument("--max-length", type=int, default=1024)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
 

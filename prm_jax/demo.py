@@ -40,6 +40,7 @@ LABEL_SETS = ("consensus", "mc", "judge")
 @dataclasses.dataclass(frozen=True)
 class DemoSize:
     world: str  # WorldConfig preset
+    world_overrides: dict[str, Any]  # on top of the preset
     model: dict[str, int]  # Qwen2Config fields of the policy / critic / PRMs (all the same shape)
     vocab_size: int
     policy_problems: int
@@ -58,13 +59,14 @@ class DemoSize:
 
 
 SIZES = {
-    "tiny": DemoSize(world="tiny", model=dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
-                                              num_kv_heads=2), vocab_size=384,
-                     policy_problems=3000, policy_steps=500, policy_batch=32, critic_problems=600, critic_steps=300,
-                     label_problems=48, samples_per_problem=4, rollouts=6, prm_steps=150, heldout_problems=32,
+    # Single-digit values: arithmetic a 2-layer model learns in a few hundred steps on a CPU.
+    "tiny": DemoSize(world="tiny", world_overrides=dict(max_start=9, max_operand=5, max_value=9), model=dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
+                                              num_kv_heads=2), vocab_size=768,
+                     policy_problems=3000, policy_steps=300, policy_batch=16, critic_problems=1200, critic_steps=300,
+                     label_problems=48, samples_per_problem=4, rollouts=6, prm_steps=80, heldout_problems=32,
                      bon_n=4),
-    "small": DemoSize(world="small", model=dict(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
-                                                num_kv_heads=2), vocab_size=512,
+    "small": DemoSize(world="small", world_overrides={}, model=dict(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
+                                                num_kv_heads=2), vocab_size=1024,
                       policy_problems=8000, policy_steps=1500, policy_batch=32, critic_problems=2000,
                       critic_steps=800, label_problems=160, samples_per_problem=4, rollouts=8, prm_steps=400,
                       heldout_problems=96, bon_n=8),
@@ -99,10 +101,11 @@ class Demo:
             raise RuntimeError(f"prm-jax {argv[0]} exited with {rc}")
 
     def train(self, objective: str, train_file: str, out: str, steps: int, lr: float, *, init: str | None = None,
-              system_prompt: str | None = "default", batch: int = 16, max_length: int = 256) -> None:
+              system_prompt: str | None = "default", batch: int = 16, buckets: tuple[int, ...] = (96, 128, 160)) -> None:
         args = ["train", "--objective", objective, "--train", train_file, "--out", out,
                 "--set", f"steps={steps}", "--set", f"lr={lr}", "--set", f"batch_size={batch}",
-                "--set", f"max_length={max_length}", "--set", "warmup_steps=20", "--set", "min_lr_ratio=0.1",
+                "--set", f"max_length={max(buckets)}", "--set", f"buckets={list(buckets)}",
+                "--set", f"warmup_steps={min(20, steps // 5)}", "--set", "min_lr_ratio=0.1",
                 "--set", f"seed={self.seed}", "--set", f"save_every={max(steps // 2, 1)}", "--set", "log_every=25"]
         if init:
             args += ["--init", init]
@@ -120,7 +123,7 @@ class Demo:
         from prm_jax.toyworld import critic, world
         from prm_jax.toyworld.tokenizer import train_tokenizer
 
-        cfg = world.WorldConfig.for_size(self.size.world)
+        cfg = world.WorldConfig.for_size(self.size.world, **self.size.world_overrides)
         s, seed = self.size, self.seed
         template = critic.toy_judge_template()
         sets = {"policy": s.policy_problems, "critic": s.critic_problems, "label": s.label_problems,
@@ -155,16 +158,16 @@ class Demo:
     def stage_policy(self) -> None:
         s = self.size
         self.train("lm", self.path("data", "policy_train.jsonl"), self.path("policy"), s.policy_steps, s.lr,
-                   batch=s.policy_batch, max_length=192)
+                   batch=s.policy_batch)
 
     def stage_sample(self) -> None:
         self.cli("sample", "--policy", self.path("policy", "hf"), "--problems", self.path("data", "label_problems.jsonl"),
-                 "--out", self.path("solutions.jsonl"), "--n", self.size.samples_per_problem, "--temperature", 1.0,
+                 "--out", self.path("solutions.jsonl"), "--n", self.size.samples_per_problem, "--temperature", 0.7,
                  "--top-p", 1.0, "--max-new-tokens", 96, "--seed", self.seed, "--batch-size", 32)
 
     def stage_rollout(self) -> None:
         self.cli("rollout", "--policy", self.path("policy", "hf"), "--solutions", self.path("solutions.jsonl"),
-                 "--out", self.path("mc.jsonl"), "--n", self.size.rollouts, "--mode", "all", "--temperature", 1.0,
+                 "--out", self.path("mc.jsonl"), "--n", self.size.rollouts, "--mode", "all", "--temperature", 0.7,
                  "--top-p", 1.0, "--max-new-tokens", 64, "--seed", self.seed, "--batch-size", 32,
                  "--max-prefixes", 128)
 
@@ -173,7 +176,7 @@ class Demo:
             return
         s = self.size
         self.train("lm", self.path("data", "critic_train.jsonl"), self.path("critic"), s.critic_steps, s.lr,
-                   system_prompt=None, batch=32, max_length=320)
+                   system_prompt=None, batch=16, buckets=(160, 224, 288))
 
     def stage_judge(self) -> None:
         from prm_jax.toyworld import critic
@@ -214,7 +217,7 @@ class Demo:
         if not read_jsonl(train_file):
             raise RuntimeError(f"{train_file} is empty: no solution survived labelling with {label_set!r}")
         self.train("prm", train_file, self.path(f"prm_{label_set}"), s.prm_steps, s.prm_lr,
-                   init=self.path("policy", "hf"), batch=16, max_length=192)
+                   init=self.path("policy", "hf"), batch=16)
 
     def stage_heldout(self) -> None:
         """Fresh policy samples on held-out problems, labelled by the truth; balanced between
@@ -225,7 +228,7 @@ class Demo:
         samples = self.path("heldout_samples.jsonl")
         self.cli("sample", "--policy", self.path("policy", "hf"), "--problems",
                  self.path("data", "heldout_problems.jsonl"), "--out", samples, "--n", self.size.bon_n,
-                 "--temperature", 1.0, "--top-p", 1.0, "--max-new-tokens", 96, "--seed", self.seed + 1,
+                 "--temperature", 0.7, "--top-p", 1.0, "--max-new-tokens", 96, "--seed", self.seed + 1,
                  "--batch-size", 32)
         records = [r for r in map(world.processbench_record, read_jsonl(samples)) if r is not None]
         rng = random.Random(self.seed)
@@ -423,6 +426,16 @@ def plot_report(report: dict[str, Any], out: str) -> None:
 
 # -- driver ----------------------------------------------------------------------------------
 
+def _compilation_cache(path: str) -> None:
+    """Persist compiled programs: the three PRMs (and their evaluations) share every shape, and a
+    resumed run skips compiles done before the stop."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def run_demo(out: str, size: str = "tiny", judge: Judge = Judge(), seed: int = 0, resume: bool = False,
              quiet: bool = False) -> dict[str, Any]:
     """Run (or with `resume`, continue) the demo; returns the report."""
@@ -430,6 +443,7 @@ def run_demo(out: str, size: str = "tiny", judge: Judge = Judge(), seed: int = 0
     if os.path.isdir(done_dir) and os.listdir(done_dir) and not resume:
         raise SystemExit(f"{out} already holds a demo run; pass --resume to continue it or choose a new --out")
     os.makedirs(done_dir, exist_ok=True)
+    _compilation_cache(os.path.join(out, ".jax_cache"))
     demo = Demo(out, SIZES[size], judge, seed, quiet)
     settings = {"size": size, "judge": dataclasses.asdict(judge), "seed": seed}
     settings_path = os.path.join(out, "demo_settings.json")

@@ -213,3 +213,21 @@ def test_bon_cli_end_to_end(prm_dir, torch_scores, tmp_path, capsys):
     last = [min(range(len(s)), key=lambda i: (s[i], i)) == len(s) - 1 for s in scores.values()]
     assert summary["min_score_at_last_step"]["share"] == pytest.approx(np.mean(last))
     assert math.isclose(summary["response_accuracy"], 6 / 12)
+
+
+def test_blocked_causal_attention_equals_full_attention():
+    """The scorer's long inputs go through qwen2.causal_attention (query blocks skip future keys);
+    it must equal plain masked attention, here with right padding and 3 uneven blocks."""
+    import jax.numpy as jnp
+
+    from prm_jax.models.qwen2 import attention, causal_attention, full_mask
+
+    rng = np.random.default_rng(0)
+    b, t, h, kv, d = 2, 300, 4, 2, 8
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, n, d)), jnp.float32) for n in (h, kv, kv))
+    pad = jnp.asarray(np.arange(t)[None] < np.array([[300], [170]]), jnp.int32)
+    mask = full_mask(pad, None, b, t)
+    import jax
+
+    np.testing.assert_allclose(jax.jit(causal_attention)(q, k, v, mask), jax.jit(attention)(q, k, v, mask),
+                               atol=1e-6)

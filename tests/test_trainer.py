@@ -187,7 +187,8 @@ def _cfg(tok_dir, *sets):
 def test_training_learns_a_toy_labelling_and_logs_metrics(tmp_path, toy_tokenizer_dir):
     train_file = write(tmp_path / "train.jsonl", toy_records(96, 1))
     eval_file = write(tmp_path / "eval.jsonl", toy_records(24, 2))
-    cfg = _cfg(toy_tokenizer_dir, "steps=30", "log_every=5", "eval_every=0", "save_every=30", "max_length=64")
+    cfg = _cfg(toy_tokenizer_dir, "steps=30", "log_every=5", "eval_every=0", "save_every=30", "max_length=64",
+               "buckets=[64]")
     out = str(tmp_path / "run")
     s = trainer.train(cfg, train_file, out, eval_file=eval_file, devices=jax.devices()[:1], progress=False)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -206,7 +207,7 @@ def test_training_learns_a_toy_labelling_and_logs_metrics(tmp_path, toy_tokenize
 def test_policy_lm_objective_learns(tmp_path, toy_tokenizer_dir):
     recs = [{"id": i, "problem": "How many apples?", "steps": ["Tom has 3 apples", "The answer is 3"]}
             for i in range(16)]
-    cfg = _cfg(toy_tokenizer_dir, "steps=12", "lr=1e-2", "log_every=4", "save_every=0", "max_length=64",
+    cfg = _cfg(toy_tokenizer_dir, "steps=12", "lr=1e-2", "log_every=4", "save_every=0", "max_length=64", "buckets=[64]",
                "export_hf=false")
     out = str(tmp_path / "lm")
     trainer.train(cfg, write(tmp_path / "lm.jsonl", recs), out, objective="lm", devices=jax.devices()[:1],
@@ -219,7 +220,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, toy_
     from prm_jax.training.checkpoint import Checkpointer
 
     cfg = _cfg(toy_tokenizer_dir, "steps=3", "lr=1e30", "warmup_steps=0", "clip_norm=null", "save_every=1",
-               "max_length=64", "log_every=1")
+               "max_length=64", "buckets=[64]", "log_every=1")
     out = str(tmp_path / "nan")
     with pytest.raises(trainer.TrainingDiverged, match=r"non-finite loss, gradient or update at step 2.*checkpoints/1"):
         trainer.train(cfg, write(tmp_path / "t.jsonl", toy_records(32, 3)), out, devices=jax.devices()[:1],

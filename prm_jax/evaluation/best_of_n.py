@@ -140,7 +140,7 @@ def run_bon(scorer, responses_path: str, out_dir: str, agg: str = "product", plo
     import jax
     from tqdm import tqdm
 
-    from prm_jax.evaluation.scoring import check_resume
+    from prm_jax.evaluation.scoring import check_resume, same_on_all_hosts
     from prm_jax.labeling.grading import grade_many, normalize_answer
 
     if agg not in metrics.AGGREGATIONS:
@@ -156,7 +156,7 @@ def run_bon(scorer, responses_path: str, out_dir: str, agg: str = "product", plo
 
     writer = ResumableWriter(scores_path, key="id") if main_host else None
     done = writer.done if writer else set()
-    todo = [r for r in responses if r.id not in done]
+    todo = [r for r, t in zip(responses, same_on_all_hosts([r.id not in done for r in responses])) if t]
     bar = tqdm(total=len(todo), desc="bon", unit="response", disable=not (show_progress and main_host))
     try:
         for i, scores in scorer.iter_scores([(r.problem, r.steps) for r in todo], bar.update):

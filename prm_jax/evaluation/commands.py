@@ -40,8 +40,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward (rounded up to the data shards)")
     p.add_argument("--max-length", type=int, default=4096,
                    help="tokens per input; steps whose step token falls beyond it get no score")
-    p.add_argument("--tokens-per-batch", type=int, default=None,
-                   help="cap rows x bucket length per forward (long buckets get fewer rows); default: no cap")
+    p.add_argument("--tokens-per-batch", type=int, default=16384,
+                   help="cap on rows x bucket length per forward, so long buckets get fewer rows (attention "
+                        "scores grow with rows x length^2); 0 = no cap")
     p.add_argument("--step-token", default=DEFAULT_STEP_TOKEN, help="step separator token (name or id)")
     p.add_argument("--dtype", default=None, help="compute dtype (e.g. bfloat16); default: the checkpoint's")
     p.add_argument("--no-plots", action="store_true")
@@ -78,7 +79,7 @@ def _scorer(args):
     prm = load_model(args.prm, mesh, args.dtype)
     tokenizer = load_tokenizer(args.tokenizer or args.prm)
     return PRMScorer(prm, tokenizer, step_token=args.step_token, batch_size=args.batch_size,
-                     max_length=args.max_length, mesh=mesh, tokens_per_batch=args.tokens_per_batch)
+                     max_length=args.max_length, mesh=mesh, tokens_per_batch=args.tokens_per_batch or None)
 
 
 def cmd_processbench(args) -> int:

@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 
 from prm_jax.evaluation import metrics
-from prm_jax.evaluation.scoring import check_resume
+from prm_jax.evaluation.scoring import check_resume, same_on_all_hosts
 from prm_jax.records import ResumableWriter, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,8 @@ def load_subset(data_dir: str, subset: str, limit: int | None = None) -> list[Sa
     if expected is not None and len(samples) != expected:
         log.warning("%s: %d samples, but the published ProcessBench %s has %d", path, len(samples), subset, expected)
         print(f"warning: {path} has {len(samples)} samples; the published {subset} subset has {expected}")
+    else:
+        log.info("%s: %d samples%s", path, len(samples), " (as published)" if expected else "")
     return balanced_head(samples, limit) if limit else samples
 
 
@@ -120,6 +122,7 @@ def diagnostics(rows: Sequence[dict]) -> dict:
         },
         "min_score_at_last_step": {"share": nan(share_min_last), "n": n_full},
         "truncated_samples": sum(len(r["step_scores"]) < r["n_steps"] for r in rows),
+        "unscored_samples": sum(not r["step_scores"] and r["n_steps"] > 0 for r in rows),
     }
 
 
@@ -152,7 +155,11 @@ def format_table(summary: dict) -> str:
     lines.append(f"{'average F1 (unweighted mean of subsets, as the paper)':<52} {pct(summary['average_f1'])}")
     lines.append(f"{'weighted average F1 (by subset size)':<52} {pct(summary['weighted_average_f1'])}")
     lines.append(f"threshold {summary['threshold']:.4f} ({summary['threshold_mode']})")
-    d = summary["diagnostics"]["flawed_with_correct_answer"]
+    diag = summary["diagnostics"]
+    if diag["truncated_samples"]:
+        lines.append(f"truncated: {diag['truncated_samples']} samples lost steps to the max length "
+                     f"({diag['unscored_samples']} have no scored step and predict -1)")
+    d = diag["flawed_with_correct_answer"]
     lines.append(f"flawed process, correct answer: n={d['n']}  flaw found exactly {pct(d['found_exact'])}%  "
                  f"any step flagged {pct(d['flagged_any'])}%")
     return "\n".join(lines)
@@ -183,7 +190,7 @@ def run_processbench(scorer, data_dir: str, out_dir: str, subsets: Sequence[str]
     # Every host runs every batch (the forward is one SPMD program); host 0 writes.
     writer = ResumableWriter(pred_path, key="key") if main_host else None
     done = writer.done if writer else set()
-    todo = [s for s in samples if s.key not in done]
+    todo = [s for s, t in zip(samples, same_on_all_hosts([s.key not in done for s in samples])) if t]
     if done:
         print(f"resuming: {len(samples) - len(todo)} of {len(samples)} samples already scored in {pred_path}")
     bar = tqdm(total=len(todo), desc="processbench", unit="sample", disable=not (show_progress and main_host))

@@ -153,17 +153,24 @@ class PRMScorer:
         for i, enc in enumerate(encoded):
             if enc.step_positions:
                 order.append(i)
-            else:  # no step token left after truncation: nothing to read out
-                if enc.n_steps:
-                    log.warning("item %d: prompt fills max_length=%d, none of its %d steps is scored",
-                                i, self.max_length, enc.n_steps)
+            else:  # no step token left after truncation (or no steps): nothing to read out
                 yield i, []
                 if progress:
                     progress(1)
+        cut = sum(e.truncated for e in encoded)
+        if cut:
+            empty = sum(bool(e.n_steps) and not e.step_positions for e in encoded)
+            log.warning("%d of %d inputs exceed max_length=%d: their later steps get no score (%d get none at all)",
+                        cut, len(encoded), self.max_length, empty)
         # Only the part up to the last surviving step token influences a score; drop the rest.
         lengths = {i: encoded[i].step_positions[-1] + 1 for i in order}
         order.sort(key=lambda i: -lengths[i])
-        start = 0
+        def read(pending):  # device -> host for a dispatched batch
+            rows, probs = pending
+            probs = np.asarray(jax.device_get(probs))
+            return [(i, probs[r, list(encoded[i].step_positions)].astype(float).tolist()) for r, i in enumerate(rows)]
+
+        pending, start = None, 0
         while start < len(order):
             length = pick_bucket(lengths[order[start]], self.buckets)  # the longest row of the batch
             rows_n = self.rows_for(length)
@@ -179,11 +186,20 @@ class PRMScorer:
             if (rows_n, length) not in self.shapes_used:
                 self.shapes_used.add((rows_n, length))
                 log.info("PRM forward shape: batch %d x length %d", rows_n, length)
-            probs = np.asarray(jax.device_get(self._fwd(self.state, *shard_batch((ids, mask), self.mesh))))
-            for r, i in enumerate(rows):
-                yield i, probs[r, list(encoded[i].step_positions)].astype(float).tolist()
-            if progress:
-                progress(len(rows))
+            # Dispatch this batch before reading the previous one, so the host's padding and the
+            # caller's writing overlap the device's work.
+            dispatched = (rows, self._fwd(self.state, *shard_batch((ids, mask), self.mesh)))
+            if pending is not None:
+                yield from self._finish(read(pending), progress)
+            pending = dispatched
+        if pending is not None:
+            yield from self._finish(read(pending), progress)
+
+    @staticmethod
+    def _finish(results, progress):
+        yield from results
+        if progress:
+            progress(len(results))
 
     def score(self, items: Sequence[Item], progress: Callable[[int], None] | None = None) -> list[list[float]]:
         out: list[list[float] | None] = [None] * len(items)
@@ -208,7 +224,9 @@ def check_resume(scorer: PRMScorer, out_dir: str, name: str = "scoring.json") ->
     """Refuse to resume into an OUT scored by another model or with other encoding settings:
     scores already there would silently mix. Writes OUT/<name> on the first run."""
     path = os.path.join(out_dir, name)
-    now = scorer.fingerprint()
+    now = scorer.fingerprint()  # every host takes part in the (sharded) checksum
+    if jax.process_index() != 0:
+        return
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             before = json.load(f)
@@ -220,7 +238,16 @@ def check_resume(scorer: PRMScorer, out_dir: str, name: str = "scoring.json") ->
             raise ValueError(f"{path}: {out_dir} holds scores from a different PRM or settings (differs in: "
                              f"{', '.join(diff)}); use a new --out or remove it")
         return
-    if jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(now, f, indent=2)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(now, f, indent=2)
+
+
+def same_on_all_hosts(todo: Sequence[bool]) -> list[bool]:
+    """Host 0's to-do mask on every host: the forward is one SPMD program, so all hosts must run the
+    same batches, while only host 0 reads and writes the resumable output."""
+    if jax.process_count() == 1:
+        return list(todo)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(todo, np.bool_))).tolist()

@@ -66,6 +66,9 @@ def _make_client(args):
     from prm_jax.labeling import judge_clients as jc
 
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.7)
+    if args.samples > 1 and temperature == 0:
+        print("prm-jax judge: --samples > 1 with temperature 0 asks for the same greedy reply several times",
+              file=sys.stderr)
     sampling = jc.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p,
                                  top_k=args.top_k, seed=args.seed)
     if args.api == "local":
@@ -130,12 +133,11 @@ def run_filter(args) -> int:
     judged = load_labelled(args.judge, "judge")
     kept, report = consensus_filter(mc, judged)
     write_jsonl(args.out, kept)
-    write_jsonl_report = os.fspath(args.report)
-    tmp = f"{write_jsonl_report}.tmp-{os.getpid()}"
+    tmp = f"{args.report}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
         f.write("\n")
-    os.replace(tmp, write_jsonl_report)
+    os.replace(tmp, args.report)  # atomic, like the records
     print(format_report(report))
     return 0
 

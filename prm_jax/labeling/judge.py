@@ -25,7 +25,6 @@ import functools
 import hashlib
 import importlib.resources
 import json
-import logging
 import os
 import re
 import time
@@ -36,8 +35,6 @@ import yaml
 from tqdm import tqdm
 
 from prm_jax.records import RecordError, ResumableWriter, iter_lines, write_jsonl
-
-log = logging.getLogger(__name__)
 
 VERDICT_STYLES = ("conclusion", "boxed", "auto")
 # A kill -9 loses nothing that os.write returned from (the page cache outlives the process); fsync

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
+from tqdm.auto import tqdm
 
 from prm_jax.data.prm_format import OFFICIAL_STEP_TOKEN_ID
 from prm_jax.models.prm import Qwen2PRM
@@ -48,6 +49,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "tokenizer.model")
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 _READ_CHUNK_BYTES = 16 * 2**20  # transient host buffer per read
+_PROGRESS_BYTES = 2**28  # show a progress bar for checkpoints above this size
 _ALIGN = 64  # the CPU backend adopts numpy buffers aligned like this without copying
 
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
@@ -144,14 +146,13 @@ def read_slice(f, entry: TensorEntry, index: tuple[slice, ...] | None, transpose
     index = tuple(index or ()) + (slice(None),) * (len(ours) - len(index or ()))
     ranges = [_as_range(s, n) for s, n in zip(index, ours)]
     out = _aligned_empty(tuple(len(r) for r in ranges), dtype)
+    if any(r.step != 1 for r in ranges):
+        raise CheckpointError(f"{entry.file}: tensor {entry.key!r}: strided shard index {index} not supported")
     if len(ours) == 1:
-        r = ranges[0]
-        out[:] = _read_rows(f, entry, r.start, r.start + len(r))[:: r.step]
+        out[:] = _read_rows(f, entry, ranges[0].start, ranges[0].stop)
         return out
     # HF rows = our axis 1 when transposed, else our axis 0.
     rows, cols = (ranges[1], ranges[0]) if transpose else (ranges[0], ranges[1])
-    if rows.step != 1 or cols.step != 1:
-        raise CheckpointError(f"{entry.file}: tensor {entry.key!r}: strided shard index {index} not supported")
     step = max(1, _READ_CHUNK_BYTES // max(1, entry.shape[1] * entry.dtype.itemsize))
     c = slice(cols.start, cols.stop)
     for r0 in range(rows.start, rows.stop, step):
@@ -313,8 +314,10 @@ def _load(path, kind: str, mesh, dtype, param_dtype, seed: int) -> nnx.Module:
     files: dict[Path, Any] = {}
     used: set[str] = set()
     flat = []
+    params = nnx.to_flat_state(state)
+    show = sum(e.nbytes for e in entries.values()) > _PROGRESS_BYTES
     try:
-        for p, var in nnx.to_flat_state(state):
+        for p, var in tqdm(params, desc=f"loading {path.name}", unit="tensor", disable=not show, leave=False):
             if p in fresh:
                 flat.append((p, fresh[p]))
                 continue
@@ -400,6 +403,9 @@ def save_hf(model: nnx.Module, out_dir: str | os.PathLike, tokenizer_dir: str | 
         raise TypeError(f"save_hf expects a Qwen2ForCausalLM or Qwen2PRM, got {type(model).__name__}")
     out = Path(out_dir)
     writer = jax.process_index() == 0
+    tok_files = [f for f in TOKENIZER_FILES if (Path(tokenizer_dir) / f).is_file()] if tokenizer_dir else []
+    if tokenizer_dir is not None and not tok_files:
+        raise CheckpointError(f"{tokenizer_dir}: no tokenizer files to copy ({', '.join(TOKENIZER_FILES[:2])} ...)")
     plan = []
     for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         key, transpose = hf_key(p)
@@ -425,12 +431,22 @@ def save_hf(model: nnx.Module, out_dir: str | os.PathLike, tokenizer_dir: str | 
         out.mkdir(parents=True, exist_ok=True)
         for stale in [out / SINGLE_FILE, out / INDEX_FILE, *out.glob("model-*-of-*.safetensors")]:
             stale.unlink(missing_ok=True)
-    for name, items in zip(names, shards):
-        if writer:
-            write_safetensors(out / name, items)
-        else:  # still take part in the gathers
-            for *_, fetch in items:
-                fetch()
+    show = writer and sum(math.prod(s) * d.itemsize for _, s, d, _ in plan) > _PROGRESS_BYTES
+    with tqdm(total=len(plan), desc=f"saving {out.name}", unit="tensor", disable=not show) as bar:
+        def ticking(fetch):
+            def run():
+                arr = fetch()
+                bar.update(1)
+                return arr
+            return run
+
+        for name, items in zip(names, shards):
+            items = [(k, s, d, ticking(fetch)) for k, s, d, fetch in items]
+            if writer:
+                write_safetensors(out / name, items)
+            else:  # still take part in the gathers
+                for *_, fetch in items:
+                    fetch()
     if not writer:
         return out
     if len(shards) > 1:
@@ -438,12 +454,8 @@ def save_hf(model: nnx.Module, out_dir: str | os.PathLike, tokenizer_dir: str | 
                  "weight_map": {item[0]: name for name, items in zip(names, shards) for item in items}}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(hf_config(model), indent=2) + "\n")
-    if tokenizer_dir is not None:
-        copied = [f for f in TOKENIZER_FILES if (Path(tokenizer_dir) / f).is_file()]
-        if not copied:
-            raise CheckpointError(f"{tokenizer_dir}: no tokenizer files to copy ({', '.join(TOKENIZER_FILES[:2])} ...)")
-        for f in copied:
-            shutil.copyfile(Path(tokenizer_dir) / f, out / f)
+    for f in tok_files:
+        shutil.copyfile(Path(tokenizer_dir) / f, out / f)
     return out
 
 

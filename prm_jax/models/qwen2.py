@@ -5,7 +5,7 @@ layout with f32 angles, grouped-query attention with q/k/v bias, SwiGLU MLP. Lin
 are stored [in, out] (the transpose of torch's weight). Every parameter carries logical axis
 names that `prm_jax.parallel.mesh.RULES` maps onto the device mesh.
 
-KV cache: one (k, v) pair per layer of shape [B, S, kv_heads, head_dim], where the slot of a
+KV cache: one (k, v) pair per layer of shape [B, kv_heads, S, head_dim], where the slot of a
 token is its position. `forward_cached` writes the new tokens' keys at their positions and lets
 each query attend to slots <= its own position, which serves prefill (positions 0..T-1 of a
 right-padded batch), shared-prefix continuation and one-token decode with a single code path.
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 Array = jax.Array
-KVCache = list  # [(k, v)] per layer, each [B, S, kv_heads, head_dim]
+KVCache = list  # [(k, v)] per layer, each [B, kv_heads, S, head_dim]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +39,11 @@ class Qwen2Config:
     param_dtype: str = "float32"  # storage ("master") dtype of the weights
     dtype: str = "float32"  # compute dtype
     remat: bool = False  # recompute each layer's activations in the backward pass
+    attention_impl: str = "xla"  # full-sequence attention: "xla" (any backend) or "cudnn" (flash, NVIDIA GPUs)
 
     def __post_init__(self):
+        if self.attention_impl not in ("xla", "cudnn"):
+            raise ValueError(f"attention_impl={self.attention_impl!r}: expected 'xla' or 'cudnn'")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
 
@@ -186,15 +189,40 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """q [B,T,H,D], k/v [B,S,K,D] (H = K*G), mask [B,T,S] bool -> [B,T,H,D]. Softmax in f32."""
+    """q [B,T,H,D], k/v [B,S,K,D] (H = K*G), mask [B,T,S] bool -> [B,T,H,D]. Softmax in f32.
+    The G query heads of a kv head are merged with the T queries into one matmul dimension
+    (a plain batched matmul over (B, K); about 2x faster on XLA CPU than separate g/t axes)."""
     b, t, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+    s, kv = k.shape[1], k.shape[2]
+    g = h // kv
+    q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+    scores = jnp.einsum("bkqd,bskd->bkqs", q, k, preferred_element_type=jnp.float32).reshape(b, kv, g, t, s)
+    scores = scores / jnp.sqrt(d).astype(jnp.float32)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, s)
+    out = jnp.einsum("bkqs,bskd->bkqd", probs, v).reshape(b, kv, g, t, d)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def causal_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """`attention` for a mask that is causal (query i never sees key j > i), as in a full forward:
+    query blocks attend only to the keys up to their own end, skipping the fully masked upper
+    blocks (about 40% of the work at 4 blocks). Exact: the skipped scores would get zero weight."""
+    t = q.shape[1]
+    block = max(128, t // 4)
+    if t <= block:
+        return attention(q, k, v, mask)
+    outs = []
+    for start in range(0, t, block):
+        end = min(t, start + block)
+        outs.append(attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end]))
+    return jnp.concatenate(outs, axis=1)
+
+
+def cudnn_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """cuDNN flash attention (NVIDIA GPUs); the mask (causal, padding, packing) goes in as a bias."""
+    bias = jnp.where(mask[:, None], 0.0, -1e9).astype(q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn")
 
 
 class Attention(nnx.Module):
@@ -221,16 +249,39 @@ class Attention(nnx.Module):
         if cache is not None:
             k, v = _write_cache(cache, k, v, positions[:, 0])
             cache = (k, v)
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        if cache is not None:
+            attend = cached_attention
+        elif self.cfg.attention_impl == "cudnn":
+            attend = cudnn_attention
+        else:  # no cache: full causal forward
+            attend = causal_attention
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         return self.o_proj(out.reshape(*x.shape[:2], -1)), cache
 
 
 def _write_cache(cache: tuple[Array, Array], k: Array, v: Array, start: Array) -> tuple[Array, Array]:
-    """Write k/v [B,T,K,D] into cache slots start[b] .. start[b]+T-1 of each row."""
+    """Write k/v [B,T,K,D] into cache slots start[b] .. start[b]+T-1 of each row (cache [B,K,S,D])."""
     def row(c, new, s):
-        return jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (s, 0, 0))
+        return jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, s, 0))
     ck, cv = cache
-    return jax.vmap(row)(ck, k, start), jax.vmap(row)(cv, v, start)
+    return (jax.vmap(row)(ck, k.transpose(0, 2, 1, 3), start),
+            jax.vmap(row)(cv, v.transpose(0, 2, 1, 3), start))
+
+
+def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """`attention` against a KV cache stored [B,K,S,D]: q [B,T,H,D], mask [B,T,S] -> [B,T,H,D].
+    This layout feeds both matmuls without transposing the cache (XLA:CPU otherwise copies the
+    whole cache twice per layer per decode step: ~2x the attention time)."""
+    b, t, h, d = q.shape
+    kv, s = k.shape[1], k.shape[2]
+    g = h // kv
+    q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32).reshape(b, kv, g, t, s)
+    scores = scores / jnp.sqrt(d).astype(jnp.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, s)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kv, g, t, d)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 class MLP(nnx.Module):
@@ -314,7 +365,7 @@ class Qwen2Model(nnx.Module):
         """Run tokens [B,T] at `positions` [B,T] (contiguous per row) against the cache.
         Writes their keys at slots = positions; a query attends to slots <= its position.
         Returns (final hidden states [B,T,H], updated cache)."""
-        s = cache[0][0].shape[1]
+        s = cache[0][0].shape[2]  # cache [B, K, S, D]
         mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]
         x = self.embed_tokens(input_ids)
         new_cache = []
@@ -325,9 +376,9 @@ class Qwen2Model(nnx.Module):
 
 
 def init_cache(cfg: Qwen2Config, batch: int, length: int, dtype: Any = None) -> KVCache:
-    """An empty KV cache: per layer (k, v) zeros [batch, length, kv_heads, head_dim]."""
+    """An empty KV cache: per layer (k, v) zeros [batch, kv_heads, length, head_dim]."""
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_size)
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_size)
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
 
 

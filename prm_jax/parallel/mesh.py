@@ -108,7 +108,7 @@ def state_shardings(state: Any, mesh: Mesh, rules=RULES) -> Any:
     """NamedSharding for every Variable in an nnx State (by its `logical_axes` metadata)."""
     def one(v):
         names = v.get_metadata().get("logical_axes") if isinstance(v, nnx.Variable) else None
-        shape = v.value.shape if isinstance(v, nnx.Variable) else v.shape
+        shape = v.get_value().shape if isinstance(v, nnx.Variable) else v.shape
         return NamedSharding(mesh, logical_spec(names, shape, mesh, rules))
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -20,6 +20,10 @@ sample_id to 0 (in generate_from_prefixes: sample j of prefix i has key_id i, sa
 A row's tokens therefore depend only on (seed, key_id, sample_id, its prompt and the weights):
 not on the mesh, the batch it lands in, or its neighbours. generate_from_prefixes(prefixes, n)
 equals generate(the prefixes each repeated n times, key_ids=[i]*n..., sample_ids=[0..n-1]...).
+This is exact for equal logits; XLA may round a row's logits differently in another batch shape
+or mesh (last-bit differences), which changes a sample only when its uniform falls within that
+distance of a token boundary: rare, but a long rollout over a flat 32k-token distribution can
+hit it (the benchmark sees a few rows in 48 diverge); greedy decoding is affected only by ties.
 
 How it runs: prompts are sorted by length and cut into batches of at most `max_batch` rows.
 Batch sizes and prompt lengths are rounded up to buckets (1, 2, 3, 4, 6, 8, 12, 16, 24, ... i.e.
@@ -30,7 +34,8 @@ without shifting: row b's first new token is written at slot len_b, over its pad
 program returns the cache and the first logits; the decode program (one `while_loop` that exits
 as soon as every row is done) takes the cache donated and updates it in place.
 Sharded: pass `mesh` (prm_jax.parallel.mesh.make_mesh); rows are split over ("data", "fsdp"), the
-cache's kv heads over "tensor", and the weights keep the sharding the model already has.
+cache's kv heads over "tensor", and the weights follow the mesh rules (a model created with
+create_sharded on that mesh is used as it is; any other is placed by its logical axes).
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from prm_jax.parallel.mesh import batch_sharding, logical_spec
+from prm_jax.parallel.mesh import batch_sharding, logical_spec, state_shardings
 from prm_jax.sampling.select import Strategy, choose
 
 log = logging.getLogger(__name__)
@@ -106,7 +111,7 @@ class _Static:
 def _cache_sharding(mesh: Mesh | None, shape) -> NamedSharding | None:
     if mesh is None:
         return None
-    return NamedSharding(mesh, logical_spec(("batch", "length", "kv_heads", None), shape, mesh))
+    return NamedSharding(mesh, logical_spec(("batch", "kv_heads", "length", None), shape, mesh))
 
 
 def _constrain(cache, mesh):
@@ -136,8 +141,8 @@ _prefill = jax.jit(_prefill_impl, static_argnames=("graphdef", "st"))
 
 def _decode_impl(graphdef, params, cache, logits0, lens, key_ids, sample_ids, done0, base_key, max_new,
                  temperature, top_p, stop_ids, *, st: _Static):
-    """Decode up to max_new tokens for R rows. The first token comes from logits0 (prefill); each
-    loop iteration feeds the previous token at position lens + t - 1 and picks token t.
+    """Decode up to max_new tokens for R rows. Iteration t picks token t from the current logits
+    (logits0 from the prefill for t = 0), then feeds it at position lens + t for the next logits.
     Returns tokens [R, new_len] (-1 after a row is done), their log-probs [R, new_len], the cache."""
     _note_compile("decode", f"rows={lens.shape[0]} cache={st.cache_len} new={st.new_len} "
                             f"strategy={st.strategy} logprobs={st.logprobs}")
@@ -158,23 +163,25 @@ def _decode_impl(graphdef, params, cache, logits0, lens, key_ids, sample_ids, do
     def write(buf, col, t):
         return jax.lax.dynamic_update_slice(buf, col[:, None], (0, t))
 
-    tok, lp, done = pick(logits0, 0, done0)
-    out_tok = write(jnp.full((r, st.new_len), -1, jnp.int32), tok, 0)
-    out_lp = write(jnp.zeros((r, st.new_len), jnp.float32), lp, 0)
-
     def cond(c):
         t, _, _, done, _, _ = c
         return (t < max_new) & ~jnp.all(done)
 
     def body(c):
-        t, cache, prev, done, out_tok, out_lp = c
-        pos = (lens + t - 1)[:, None]
-        hidden, cache = model.forward_cached(jnp.maximum(prev, 0)[:, None], pos, cache)
-        cache = _constrain(cache, st.mesh)
-        tok, lp, done = pick(model.logits(hidden[:, 0]), t, done)
-        return t + 1, cache, tok, done, write(out_tok, tok, t), write(out_lp, lp, t)
+        t, cache, logits, done, out_tok, out_lp = c
+        tok, lp, done = pick(logits, t, done)
 
-    _, cache, _, _, out_tok, out_lp = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, tok, done, out_tok, out_lp))
+        def forward(cache):  # feed token t at position lens + t -> logits of token t + 1
+            hidden, cache = model.forward_cached(jnp.maximum(tok, 0)[:, None], (lens + t)[:, None], cache)
+            return model.logits(hidden[:, 0]), _constrain(cache, st.mesh)
+
+        # skip the forward pass after the last token
+        logits, cache = jax.lax.cond((t + 1 < max_new) & ~jnp.all(done), forward, lambda c: (logits, c), cache)
+        return t + 1, cache, logits, done, write(out_tok, tok, t), write(out_lp, lp, t)
+
+    out_tok = jnp.full((r, st.new_len), -1, jnp.int32)
+    out_lp = jnp.zeros((r, st.new_len), jnp.float32)
+    _, cache, _, _, out_tok, out_lp = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, logits0, done0, out_tok, out_lp))
     # The cache is returned (and dropped by the caller) so that XLA can alias it to the donated
     # input and update it in place instead of copying it into the loop.
     return out_tok, out_lp, cache
@@ -247,11 +254,13 @@ def _run(model, sources: list[list[int]], rows: list[_Row], max_new_tokens: int,
     stops = sorted({int(s) for s in (stop_ids or ())})
     if any(not 0 <= s < vocab for s in stops):
         raise ValueError(f"stop_ids must lie in [0, {vocab}), got {stops}")
-    stop_arr = np.full((bucket(len(stops)),), -1, np.int32)
+    stop_arr = np.full((bucket(len(stops), 8),), -1, np.int32)
     stop_arr[:len(stops)] = stops
     dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     new_len = bucket(max_new_tokens, 8)
     graphdef, params = nnx.split(model)
+    if mesh is not None:  # a no-op when the model was created sharded on this mesh
+        params = jax.device_put(params, state_shardings(params, mesh))
     base_key = jax.random.key(seed)
     put = (lambda a: jax.device_put(a, batch_sharding(mesh, a.ndim))) if mesh is not None else jnp.asarray
     rep = (lambda a: jax.device_put(a, NamedSharding(mesh, jax.sharding.PartitionSpec()))) if mesh else jnp.asarray

@@ -266,8 +266,10 @@ def _log_row(step: int, window: _Window, n_devices: int, peak: float | None) -> 
     return {
         "step": step, "loss": loss, "step_accuracy": acc, "grad_norm": float(last["grad_norm"]),
         "lr": float(last["lr"]), "labels": n,
-        "tokens_per_s": window.real / dt, "padded_tokens_per_s": window.padded / dt,
-        "mfu": (window.flops / dt / (n_devices * peak)) if peak else None,
+        # None when the window held only the (compiling) first step of the process
+        "tokens_per_s": window.real / dt if window.padded else None,
+        "padded_tokens_per_s": window.padded / dt if window.padded else None,
+        "mfu": (window.flops / dt / (n_devices * peak)) if peak and window.padded else None,
         "time": time.time(),
     }
 
@@ -316,6 +318,7 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
     cfg, run, dcfg = config, config.run, config.data
     arch = arch_for(objective)
     os.makedirs(out_dir, exist_ok=True)
+    primary = jax.process_index() == 0  # the one process that writes metrics, summary and tokenizer
     mesh = pmesh.make_mesh(run.mesh, devices=mesh_devices(run.mesh, devices))
     n_devices = mesh.devices.size
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -362,7 +365,8 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
             raise ValueError(f"step token {dcfg.step_token!r} has id {step_token_id}, outside the model's vocabulary "
                              f"of {model_cfg.vocab_size}")
     if latest is None:
-        tokenizer.save_pretrained(tok_dir)
+        if primary:
+            tokenizer.save_pretrained(tok_dir)
         if params is None:
             params = init_fresh(model_cfg, arch, mesh, run.seed)
     if tokenizer.pad_token_id is None:
@@ -394,12 +398,13 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
                                                         ck.abstract_like(abs_opt, opt_sh))
         data_iter.set_state(data_state)
         start = latest
-        _rewrite_metrics(metrics_path, latest)
+        if primary:
+            _rewrite_metrics(metrics_path, latest)
     else:
         params = match_dtype(params, param_sh, model_cfg.param_dtype)
         opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
         start = 0
-        if os.path.exists(metrics_path):
+        if primary and os.path.exists(metrics_path):
             os.remove(metrics_path)
     # Reuse the jitted steps (and so their compilations) across train() calls in one process with
     # the same model, mesh, objective and optimizer settings (the demo and tests train repeatedly).
@@ -424,7 +429,10 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
     def on_sigterm(signum, frame):  # only flag it; the loop saves at the next step boundary
         stop["signal"] = signum
 
-    if threading_is_main():
+    # Single host: our handler. Multi-host: hosts receive SIGTERM at different moments, so they agree
+    # on the step to stop at through JAX's preemption sync (orbax `reached_preemption`).
+    multi_host = jax.process_count() > 1
+    if not multi_host and threading_is_main():
         prev_handler = signal.signal(signal.SIGTERM, on_sigterm)
 
     def save(step: int, data_state: dict) -> None:
@@ -434,7 +442,8 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
         row = {"step": step, "split": "eval",
                **evaluate(eval_step, params, eval_set, eval_rows, tokenizer.pad_token_id, dcfg.max_length,
                           dcfg.buckets, mesh)}
-        _append(metrics_path, row)
+        if primary:
+            _append(metrics_path, row)
         return row
 
     window = _Window()
@@ -473,13 +482,20 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
                 check(pending)
             pending = (step, metrics["ok"])
             window.steps.append(metrics)
-            window.real += real
-            window.padded += padded
-            window.flops += real * train_flops_per_token(model_cfg, arch, host_batch["input_ids"].shape[1])
+            if step == start + 1:
+                # The first step of a process includes compilation: leave it out of tokens/s and MFU.
+                jax.block_until_ready(metrics["loss"])
+                window.t0 = time.perf_counter()
+            else:
+                window.real += real
+                window.padded += padded
+                window.flops += real * train_flops_per_token(model_cfg, arch, host_batch["input_ids"].shape[1])
             total_real += real
             total_padded += padded
             for cb in callbacks:
                 cb(step)
+            if multi_host and ckpt.manager.reached_preemption(step):
+                stop["signal"] = signal.SIGTERM
             must_log = step % run.log_every == 0 or step == run.steps or stop["signal"]
             must_save = (run.save_every and step % run.save_every == 0) or step == run.steps or stop["signal"]
             if must_log or must_save:
@@ -487,7 +503,8 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
                 pending = None
             if must_log:
                 last_row = _log_row(step, window, n_devices, peak)
-                _append(metrics_path, last_row)
+                if primary:
+                    _append(metrics_path, last_row)
                 window = _Window()
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_row['loss']:.4f}", acc=f"{last_row['step_accuracy']:.3f}")
@@ -529,8 +546,9 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
         "metrics": metrics_path,
     }
     summary.pop("split", None)
-    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    if primary:
+        with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
     return summary
 
 

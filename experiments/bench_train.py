@@ -1,0 +1,376 @@
+"""PRM training throughput: our jitted JAX step vs a raw PyTorch loop vs TRL's PRMTrainer, same run.
+
+All three train the benchmark model (Qwen2Config.small(): vocab 32000, hidden 512, 8 layers, 8 heads,
+2 kv heads, intermediate 1408) as a 2-class token classifier in float32 with AdamW (lr 1e-5) and
+global-norm clipping 1.0, batch 8, max length 512, on the same records: ProcessBench GSM8K solutions
+turned into training records (steps up to the first error; 1 before it, 0 at it). Each part runs in
+its own process so its peak memory (max RSS) is its own.
+
+- jax:   prm_jax.training.trainer.make_train_step on one CPU device; batches from our pipeline
+         (chat template + step token ids), each batch padded to the next multiple of 64 (one
+         compilation per length; the compilations are not timed).
+- torch: transformers Qwen2ForTokenClassification(num_labels=2) + torch.optim.AdamW, the very same
+         token ids and labels, each batch padded to its longest row (the HF collator's choice).
+- trl:   trl.PRMTrainer (trl==0.24.0, installed only in its own venv, e.g.
+         python -m venv --system-site-packages /tmp/bench-trl && /tmp/bench-trl/bin/pip install trl==0.24.0 datasets)
+         on the same records in TRL's stepwise format; it tokenises them itself (no chat template, so
+         its rows are somewhat shorter: throughput is compared per real token).
+
+Throughput = real (non-padding) tokens / step wall time, median over the timed steps (compilation
+and warm-up steps excluded). `--part mfu` (a GPU/TPU) measures MFU of a Qwen2-1.5B-shaped PRM in bf16.
+
+    python experiments/bench_train.py [--steps 3] [--trl-python /tmp/bench-trl/bin/python]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+PROCESSBENCH = os.path.join(REPO, "..", "shared", "data", "processbench", "gsm8k.json")
+BATCH, MAX_LEN, LR = 8, 512, 1e-5
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# -- shared data ----------------------------------------------------------------------------------
+
+def prepare(work: str, n_records: int) -> None:
+    """Training records from ProcessBench GSM8K + a byte-level BPE tokenizer trained on them."""
+    from prm_jax.toyworld.tokenizer import train_tokenizer
+
+    with open(PROCESSBENCH, encoding="utf-8") as f:
+        bench = json.load(f)
+    records = []
+    for r in bench[:n_records]:
+        k = r["label"]
+        steps = r["steps"] if k < 0 else r["steps"][:k + 1]
+        labels = [1] * len(steps) if k < 0 else [1] * k + [0]
+        records.append({"id": r["id"], "problem": r["problem"], "steps": steps, "labels": labels})
+    os.makedirs(work, exist_ok=True)
+    with open(os.path.join(work, "records.jsonl"), "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    texts = [r["problem"] for r in bench] + [s for r in bench for s in r["steps"]]
+    train_tokenizer(texts, os.path.join(work, "tokenizer"), vocab_size=8000)
+
+
+def encoded_batches(work: str, n_batches: int):
+    """Our pipeline's examples, in file order, grouped into batches of BATCH."""
+    from transformers import AutoTokenizer
+
+    from prm_jax.data import pipeline as pl
+    from prm_jax.data.prm_format import resolve_step_token
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(work, "tokenizer"))
+    opts = pl.EncodeOptions(objective="prm", max_length=MAX_LEN, step_token_id=resolve_step_token(tok),
+                            step_token_text="<extra_0>")
+    enc = pl.encode_records(tok, os.path.join(work, "records.jsonl"), opts)
+    exs = enc.examples
+    if len(exs) < n_batches * BATCH:
+        raise SystemExit(f"need {n_batches * BATCH} records, have {len(exs)}")
+    return [exs[i * BATCH:(i + 1) * BATCH] for i in range(n_batches)], tok.pad_token_id
+
+
+# -- parts ----------------------------------------------------------------------------------------
+
+def part_jax(work: str, steps: int) -> dict:
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from prm_jax.data import pipeline as pl
+    from prm_jax.models.prm import Qwen2PRM
+    from prm_jax.models.qwen2 import Qwen2Config
+    from prm_jax.parallel import mesh as pmesh
+    from prm_jax.training import trainer
+    from prm_jax.training.config import apply_overrides, TrainConfig
+
+    groups, pad = encoded_batches(work, steps)
+    cfg = Qwen2Config.small()
+    mesh = pmesh.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    tcfg = apply_overrides(TrainConfig(), [f"lr={LR}", "warmup_steps=0", "steps=1000", "clip_norm=1.0"])
+    model = Qwen2PRM(cfg, nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    psh = nnx.to_pure_dict(pmesh.state_shardings(state, mesh))
+    params = jax.device_put(nnx.to_pure_dict(state), psh)
+    del model, state
+    tx = trainer.make_optimizer(tcfg)
+    osh, _ = trainer.opt_state_shardings(tx, params, psh, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=osh)(params)
+    step = trainer.make_train_step(graphdef, "prm", tx, mesh, psh, osh)
+    buckets = tuple(range(64, MAX_LEN + 1, 64))  # <= 63 padding slots per row beyond the batch's longest
+    batches = [pl.pad_examples(g, buckets, pad) for g in groups]
+    compiled = {}  # ahead-of-time compilation of every padded length (not timed)
+    for b in batches:
+        width = b["input_ids"].shape[1]
+        if width not in compiled:
+            compiled[width] = step.lower(params, opt_state, pl.place_batch(b, mesh)).compile()
+    rates, losses = [], []
+    for b in batches:
+        real = int((b["segment_ids"] > 0).sum())
+        t = time.perf_counter()
+        params, opt_state, m = compiled[b["input_ids"].shape[1]](params, opt_state, pl.place_batch(b, mesh))
+        loss = float(m["loss"])  # waits for the step
+        rates.append(real / (time.perf_counter() - t))
+        losses.append(loss)
+    # The same records first-fit packed into full 512-token rows with segment ids (our pipeline's
+    # packing; attention stays within each example), one shape.
+    import grain
+    it = grain.experimental.FirstFitPackIterDataset(
+        grain.MapDataset.source([e for g in groups for e in g]).to_iter_dataset(),
+        length_struct={"input_ids": MAX_LEN, "labels": MAX_LEN}, num_packing_bins=BATCH, shuffle_bins=False,
+        padding_struct={"input_ids": pad, "labels": pl.IGNORE}).batch(BATCH).map(pl._from_packed)
+    def fill_rows(b):  # the packer's last group can have fewer rows: add empty ones
+        n = BATCH - b["input_ids"].shape[0]
+        pad_to = {"input_ids": pad, "labels": pl.IGNORE, "segment_ids": 0, "positions": 0}
+        return {k: np.concatenate([v, np.full((n, v.shape[1]), pad_to[k], v.dtype)]) for k, v in b.items()}
+
+    packed = [fill_rows(b) for b in it]
+    run = step.lower(params, opt_state, pl.place_batch(packed[0], mesh)).compile()
+    packed_rates = []
+    for b in packed:
+        real = int((b["segment_ids"] > 0).sum())
+        t = time.perf_counter()
+        params, opt_state, m = run(params, opt_state, pl.place_batch(b, mesh))
+        float(m["loss"])
+        packed_rates.append(real / (time.perf_counter() - t))
+    return {"tokens_per_s": statistics.median(rates), "rates": rates, "peak_rss_mib": peak_rss_mib(),
+            "shapes": sorted({b["input_ids"].shape[1] for b in batches}), "loss": losses[-1],
+            "packed": {"tokens_per_s": statistics.median(packed_rates), "rates": packed_rates,
+                       "fill": float(np.mean([(b["segment_ids"] > 0).mean() for b in packed]))},
+            "padded_fill": float(np.mean([(b["segment_ids"] > 0).mean() for b in batches])),
+            "tokens_per_row": float(np.mean([(b["segment_ids"] > 0).sum() / BATCH for b in batches]))}
+
+
+def _torch_model():
+    import torch
+    from transformers import Qwen2Config as HFQwen2Config, Qwen2ForTokenClassification
+
+    from prm_jax.models.qwen2 import Qwen2Config
+
+    torch.manual_seed(0)
+    hf = dict(Qwen2Config.small().to_hf())
+    hf.update(num_labels=2, architectures=["Qwen2ForTokenClassification"], pad_token_id=0)
+    return Qwen2ForTokenClassification(HFQwen2Config(**hf)).float()
+
+
+def part_torch(work: str, steps: int, warmup: int) -> dict:
+    import numpy as np
+    import torch
+
+    groups, pad = encoded_batches(work, steps)
+    groups = groups[:1] * warmup + groups  # warm up on the first batch, then time the same batches as jax
+    model = _torch_model()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+
+    def collate(g):
+        width = max(len(e["input_ids"]) for e in g)
+        ids = np.full((len(g), width), pad, np.int64)
+        lab = np.full((len(g), width), -100, np.int64)
+        mask = np.zeros((len(g), width), np.int64)
+        for r, e in enumerate(g):
+            n = len(e["input_ids"])
+            ids[r, :n], lab[r, :n], mask[r, :n] = e["input_ids"], e["labels"], 1
+        return torch.from_numpy(ids), torch.from_numpy(lab), torch.from_numpy(mask)
+
+    rates = []
+    for i, g in enumerate(groups):
+        ids, lab, mask = collate(g)
+        t = time.perf_counter()
+        out = model(input_ids=ids, attention_mask=mask, labels=lab)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = out.loss.item()
+        if i >= warmup:
+            rates.append(int(mask.sum()) / (time.perf_counter() - t))
+    return {"tokens_per_s": statistics.median(rates), "rates": rates, "peak_rss_mib": peak_rss_mib(), "loss": loss,
+            "threads": torch.get_num_threads(),
+            "tokens_per_row": float(np.mean([len(e["input_ids"]) for g in groups[warmup:] for e in g]))}
+
+
+def part_trl(work: str, steps: int, warmup: int) -> dict:
+    import datasets
+    import torch
+    import trl
+    from transformers import AutoTokenizer, TrainerCallback
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(work, "tokenizer"))
+    rows = [json.loads(line) for line in open(os.path.join(work, "records.jsonl"), encoding="utf-8")]
+    rows = rows[:BATCH] * warmup + rows[:steps * BATCH]  # warm-up batch, then the batches jax times
+    ds = datasets.Dataset.from_list([{"prompt": r["problem"], "completions": r["steps"],
+                                      "labels": [bool(y) for y in r["labels"]]} for r in rows])
+    model = _torch_model()
+    times, tokens = [], []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    class CountingPRMTrainer(trl.PRMTrainer):
+        def _get_train_sampler(self, *a, **kw):  # file order, so the timed batches are the jax ones
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+        def training_step(self, model, inputs, *a, **kw):
+            tokens.append(int(inputs["attention_mask"].sum()))
+            return super().training_step(model, inputs, *a, **kw)
+
+    args = trl.PRMConfig(output_dir=os.path.join(work, "trl_out"), per_device_train_batch_size=BATCH,
+                         max_steps=steps + warmup, learning_rate=LR, weight_decay=0.0, max_grad_norm=1.0,
+                         lr_scheduler_type="constant", max_length=MAX_LEN, step_separator="\n",
+                         train_on_last_step_only=False, report_to=[], save_strategy="no", logging_steps=1000,
+                         use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    trainer = CountingPRMTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                                 callbacks=[Timer()])
+    trainer.train()
+    rates = [n / t for n, t in zip(tokens[warmup:], times[warmup:])]
+    return {"tokens_per_s": statistics.median(rates), "rates": rates, "peak_rss_mib": peak_rss_mib(),
+            "trl": trl.__version__, "threads": torch.get_num_threads(),
+            "tokens_per_row": statistics.mean(tokens[warmup:]) / BATCH}
+
+
+def part_mfu(steps: int, batch: int, seq: int, preset: str = "qwen2_5_1_5b") -> dict:
+    """MFU of a Qwen2-1.5B-shaped PRM train step in bf16 compute / f32 master weights, on all devices
+    of one host (fsdp over them), full rows; FLOPs by trainer.train_flops_per_token."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from prm_jax.data import pipeline as pl
+    from prm_jax.models.prm import Qwen2PRM
+    from prm_jax.models.qwen2 import Qwen2Config
+    from prm_jax.parallel import mesh as pmesh
+    from prm_jax.training import trainer
+    from prm_jax.training.config import apply_overrides, TrainConfig
+
+    n = len(jax.devices())
+    mesh = pmesh.make_mesh(f"data=1,fsdp={n},tensor=1")
+    cfg = getattr(Qwen2Config, preset)(dtype="bfloat16", param_dtype="float32", remat=True)
+    tcfg = apply_overrides(TrainConfig(), ["lr=1e-5", "warmup_steps=0", "steps=1000"])
+    model = pmesh.create_sharded(lambda: Qwen2PRM(cfg, nnx.Rngs(0)), mesh)
+    graphdef, state = nnx.split(model)
+    psh = nnx.to_pure_dict(pmesh.state_shardings(state, mesh))
+    params = nnx.to_pure_dict(state)
+    del model, state
+    tx = trainer.make_optimizer(tcfg)
+    osh, _ = trainer.opt_state_shardings(tx, params, psh, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=osh)(params)
+    step = trainer.make_train_step(graphdef, "prm", tx, mesh, psh, osh)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32)
+    labels = np.where(rng.random((batch, seq)) < 0.05, rng.integers(0, 2, (batch, seq)), -100).astype(np.int32)
+    b = {"input_ids": ids, "labels": labels, "segment_ids": np.ones_like(ids),
+         "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy()}
+    placed = pl.place_batch(b, mesh)
+    for _ in range(2):
+        params, opt_state, m = step(params, opt_state, placed)
+    jax.block_until_ready(m["loss"])
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        params, opt_state, m = step(params, opt_state, placed)
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t)
+    dt = statistics.median(times)
+    flops = batch * seq * trainer.train_flops_per_token(cfg, "prm", seq)
+    peak = trainer.peak_flops_per_device(jax.devices()[0].device_kind)
+    return {"device": jax.devices()[0].device_kind, "devices": n, "step_s": dt, "tokens_per_s": batch * seq / dt,
+            "tflops_per_device": flops / dt / n / 1e12, "mfu": flops / dt / (n * peak) if peak else None}
+
+
+# -- driver ---------------------------------------------------------------------------------------
+
+def run_part(python: str, part: str, args, timeout: int = 900) -> dict:
+    cmd = [python, os.path.abspath(__file__), "--part", part, "--work", args.work, "--steps", str(args.steps),
+           "--warmup", str(args.warmup)]
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "TOKENIZERS_PARALLELISM": "false"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (p.stderr or p.stdout).strip().splitlines()[-6:]
+    return {"error": f"exit {p.returncode}: " + " | ".join(tail)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=("jax", "torch", "trl", "mfu"))
+    ap.add_argument("--work", default="/tmp/prm_bench_train")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per framework")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps (torch, trl)")
+    ap.add_argument("--trl-python", default="/tmp/bench-trl/bin/python",
+                    help="python of the venv that has trl==0.24.0")
+    ap.add_argument("--mfu-batch", type=int, default=8)
+    ap.add_argument("--mfu-seq", type=int, default=4096)
+    ap.add_argument("--mfu-preset", default="qwen2_5_1_5b", help="Qwen2Config preset for --part mfu")
+    args = ap.parse_args()
+
+    if args.part:
+        if args.part == "mfu":
+            res = part_mfu(args.steps, args.mfu_batch, args.mfu_seq, args.mfu_preset)
+        else:
+            res = {"jax": lambda: part_jax(args.work, args.steps),
+                   "torch": lambda: part_torch(args.work, args.steps, args.warmup),
+                   "trl": lambda: part_trl(args.work, args.steps, args.warmup)}[args.part]()
+        print("RESULT " + json.dumps(res))
+        return
+
+    prepare(args.work, n_records=args.steps * BATCH)
+    print(f"PRM train step, Qwen2Config.small() (vocab 32000, h512, 8 layers), f32, batch {BATCH}, "
+          f"max length {MAX_LEN}, {args.steps} timed steps (median), ProcessBench-GSM8K records, CPU")
+    res = {"jax": run_part(sys.executable, "jax", args), "torch": run_part(sys.executable, "torch", args)}
+    if os.path.exists(args.trl_python):
+        res["trl"] = run_part(args.trl_python, "trl", args)
+    else:
+        res["trl"] = {"error": f"{args.trl_python} not found; create the venv: python -m venv --system-site-packages "
+                               "/tmp/bench-trl && /tmp/bench-trl/bin/pip install trl==0.24.0 datasets"}
+    j = res["jax"]
+    ours = j.get("tokens_per_s")
+    packed = (j.get("packed") or {}).get("tokens_per_s")
+    if "error" in j:
+        print(f"  prm_jax could not run: {j['error']}")
+    else:
+        print(f"  {'prm_jax jit step, padded to x64 (fill ' + format(j['padded_fill'], '.0%') + ')':58s} "
+              f"{ours:7.0f} real tokens/s   peak RSS {j['peak_rss_mib']:6.0f} MiB   {j['tokens_per_row']:.0f} tokens/row")
+        print(f"  {'prm_jax jit step, packed 512-rows (fill ' + format(j['packed']['fill'], '.0%') + ')':58s} "
+              f"{packed:7.0f} real tokens/s   (same process)")
+    names = {"torch": "torch loop (HF Qwen2ForTokenClassification + AdamW)", "trl": "TRL 0.24.0 PRMTrainer"}
+    for k in ("torch", "trl"):
+        r = res[k]
+        if "error" in r:
+            print(f"  {names[k]:58s} could not run: {r['error']}")
+            continue
+        ratio = "" if not ours else (f"   padded/this = {ours / r['tokens_per_s']:.2f}x, "
+                                     f"packed/this = {packed / r['tokens_per_s']:.2f}x")
+        print(f"  {names[k]:58s} {r['tokens_per_s']:7.0f} real tokens/s   peak RSS {r['peak_rss_mib']:6.0f} MiB   "
+              f"{r['tokens_per_row']:.0f} tokens/row{ratio}")
+    for k, want in (("torch", 0.8), ("trl", 1.5)):
+        if ours and "error" not in res[k]:
+            a, b = ours / res[k]["tokens_per_s"], packed / res[k]["tokens_per_s"]
+            print(f"  target >= {want}x {names[k].split(' (')[0]}: padded {'met' if a >= want else 'NOT met'} "
+                  f"({a:.2f}x), packed {'met' if b >= want else 'NOT met'} ({b:.2f}x)")
+    print("  GPU MFU (Qwen2-1.5B-shaped PRM, bf16): measured separately on an accelerator with "
+          "`JAX_PLATFORMS= python experiments/bench_train.py --part mfu` (prints RESULT json)")
+    per = {**{k: r["rates"] for k, r in res.items() if "rates" in r}}
+    if "packed" in j:
+        per["jax-packed"] = j["packed"]["rates"]
+    print("  per-step real tokens/s: " + "; ".join(f"{k} " + ", ".join(f"{x:.0f}" for x in v) for k, v in per.items()))
+
+
+if __name__ == "__main__":
+    main()

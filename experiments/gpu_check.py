@@ -1,0 +1,136 @@
+"""What only a GPU can show: MFU of our PRM train step on a Qwen2-1.5B-shaped PRM in bf16, and
+the sampler's decode speed next to transformers `generate` on the same GPU, same run.
+
+    python experiments/gpu_check.py [--parts train,sample] [--batch 8] [--seq 2048]
+
+Random weights (speed does not depend on them); compile time is excluded and printed apart.
+MFU uses the trainer's FLOP formula (prm_jax.training.trainer.train_flops_per_token) and the
+device's dense bf16 peak (prm_jax.training.trainer.PEAK_FLOPS).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def train_mfu(batch: int, seq: int, impl: str, steps: int = 6) -> None:
+    from prm_jax.models.prm import Qwen2PRM
+    from prm_jax.models.qwen2 import Qwen2Config
+    from prm_jax.parallel import mesh as pmesh
+    from prm_jax.training import trainer as T
+    from prm_jax.training.config import TrainConfig
+
+    cfg = Qwen2Config.qwen2_5_1_5b(param_dtype="float32", dtype="bfloat16", remat=True, attention_impl=impl)
+    mesh = pmesh.make_mesh(None)
+    abstract = nnx.eval_shape(lambda: Qwen2PRM(cfg, nnx.Rngs(0)))
+    graphdef, abs_state = nnx.split(abstract)
+    param_sh = nnx.to_pure_dict(pmesh.state_shardings(abs_state, mesh))
+    params = T.init_fresh(cfg, "prm", mesh, 0)
+    tx = T.make_optimizer(TrainConfig())
+    opt_sh, _ = T.opt_state_shardings(tx, jax.eval_shape(lambda: params), param_sh, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    step = T.make_train_step(graphdef, "prm", tx, mesh, param_sh, opt_sh)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.vocab_size, (1, batch, seq), dtype=np.int32)
+    labels = np.full((1, batch, seq), -100, np.int32)
+    labels[:, :, 63::64] = rng.integers(0, 2, labels[:, :, 63::64].shape)  # a step token every 64 tokens
+    b = {"input_ids": ids, "labels": labels, "segment_ids": np.ones_like(ids),
+         "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy()}
+    b = jax.device_put(b, T.batch_shardings(mesh)["input_ids"])
+    t0 = time.perf_counter()
+    params, opt_state, m = step(params, opt_state, b)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        params, opt_state, m = step(params, opt_state, b)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    dt = statistics.median(times)
+    tokens = batch * seq
+    flops = T.train_flops_per_token(cfg, "prm", seq) * tokens
+    peak = T.peak_flops_per_device(jax.devices()[0].device_kind) or float("nan")
+    mfu = flops / dt / peak
+    print(f"train PRM qwen2.5-1.5B shape, bf16 compute / f32 master, remat, attention={impl}, batch {batch}x{seq}: "
+          f"{dt * 1e3:.0f} ms/step (median of {steps}), {tokens / dt:,.0f} tokens/s, "
+          f"MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s, loss {float(m['loss']):.3f}, compile {compile_s:.0f} s",
+          flush=True)
+    del params, opt_state
+
+
+def sampler_vs_hf(batch: int, prompt_len: int, new_tokens: int) -> None:
+    import torch
+    import transformers
+
+    from prm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
+    from prm_jax.sampling.sampler import generate
+
+    cfg = Qwen2Config.qwen2_5_1_5b(param_dtype="bfloat16", dtype="bfloat16")
+    model = Qwen2ForCausalLM(cfg, nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    prompts = [list(map(int, rng.integers(0, cfg.vocab_size, prompt_len))) for _ in range(batch)]
+    kw = dict(max_new_tokens=new_tokens, temperature=0.7, top_p=0.8, seed=0, stop_ids=[])
+    t0 = time.perf_counter()
+    generate(model, prompts, **kw)
+    compile_s = time.perf_counter() - t0
+    ours = []
+    for r in range(3):
+        t0 = time.perf_counter()
+        out = generate(model, prompts, **{**kw, "seed": r + 1})
+        ours.append(time.perf_counter() - t0)
+    n_tok = sum(len(o) for o in out)
+    ours_tps = n_tok / statistics.median(ours)
+    del model
+
+    hf_cfg = transformers.Qwen2Config(**{k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "torch_dtype")})
+    with torch.device("cuda"):
+        hf = transformers.Qwen2ForCausalLM(hf_cfg).to(torch.bfloat16).eval()
+    ids = torch.tensor(prompts, device="cuda")
+    gen_kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, temperature=0.7, top_p=0.8,
+                  pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        hf.generate(ids, **gen_kw)
+        theirs = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            o = hf.generate(ids, **gen_kw)
+            torch.cuda.synchronize()
+            theirs.append(time.perf_counter() - t0)
+    hf_tps = (o.shape[1] - prompt_len) * batch / statistics.median(theirs)
+    print(f"sampler qwen2.5-1.5B shape bf16, batch {batch}, {prompt_len}-token prompts, {new_tokens} new, T=0.7 "
+          f"top-p 0.8: prm_jax {ours_tps:,.0f} tok/s (compile {compile_s:.0f} s), transformers generate "
+          f"{hf_tps:,.0f} tok/s, ratio {ours_tps / hf_tps:.2f}x", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="train,sample")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--impls", default="cudnn,xla")
+    args = ap.parse_args()
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+    parts = args.parts.split(",")
+    if "train" in parts:
+        for impl in args.impls.split(","):
+            try:
+                train_mfu(args.batch, args.seq, impl)
+            except Exception as e:  # report and go on: one failed variant should not hide the others
+                print(f"train attention={impl}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    if "sample" in parts:
+        try:
+            sampler_vs_hf(64, 256, 256)
+        except Exception as e:
+            print(f"sampler: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

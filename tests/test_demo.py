@@ -1,0 +1,60 @@
+"""The main job end to end at tiny size: every stage through the real CLI, and the report's
+claims checked against the toy world's truth recomputed here."""
+import json
+import os
+
+import pytest
+
+from prm_jax.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("demo") / "run")
+    assert main(["demo", "--out", out, "--size", "tiny", "--quiet"]) == 0
+    return out
+
+
+def _f1(labels, preds):
+    err = [(y, p) for y, p in zip(labels, preds) if y >= 0]
+    ok = [(y, p) for y, p in zip(labels, preds) if y < 0]
+    a = sum(y == p for y, p in err) / len(err)
+    b = sum(p == -1 for _, p in ok) / len(ok)
+    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+
+
+def test_demo_report_fields_and_claims(demo_out):
+    with open(os.path.join(demo_out, "report.json")) as f:
+        report = json.load(f)
+    for src in ("mc", "judge", "consensus"):
+        q = report["label_quality"][src]
+        for key in ("n", "first_error_accuracy", "step_precision", "step_recall"):
+            assert key in q, (src, key)
+    assert report["label_quality"]["consensus"]["n"] > 0
+    prm = report["prm"]
+    for key in ("f1", "baseline_f1", "mc_f1", "judge_f1"):
+        assert 0.0 <= prm[key] <= 1.0
+    assert report["best_of_n"]["consensus"]["curve"]
+    for name in ("report.md", "report_label_quality.png", "report_f1.png"):
+        assert os.path.getsize(os.path.join(demo_out, name)) > 0
+
+    # Recompute both F1 figures from the written predictions and the truth of the held-out set.
+    from prm_jax.toyworld.truth import outcome_baseline
+
+    with open(os.path.join(demo_out, "heldout", "toy.json")) as f:
+        heldout = json.load(f)
+    with open(os.path.join(demo_out, "eval_consensus", "predictions.jsonl")) as f:
+        pred = {r["id"]: r["pred"] for r in map(json.loads, f)}
+    labels = [r["label"] for r in heldout]
+    prm_f1 = _f1(labels, [pred[r["id"]] for r in heldout])
+    base_f1 = _f1(labels, [outcome_baseline(r) for r in heldout])
+    assert prm_f1 == pytest.approx(prm["f1"])
+    assert base_f1 == pytest.approx(prm["baseline_f1"])
+    assert prm_f1 > base_f1, f"consensus PRM F1 {prm_f1:.3f} does not beat the outcome-only baseline {base_f1:.3f}"
+
+
+def test_demo_resume_skips_finished_stages_and_refuses_overwrite(demo_out, capsys):
+    with pytest.raises(SystemExit, match="--resume"):
+        main(["demo", "--out", demo_out, "--size", "tiny"])
+    assert main(["demo", "--out", demo_out, "--size", "tiny", "--resume", "--quiet"]) == 0
+    assert "report: done earlier, skipped" in capsys.readouterr().out
