@@ -61,8 +61,8 @@ class DemoSize:
 SIZES = {
     # Single-digit values: arithmetic a 2-layer model learns in a few hundred steps on a CPU.
     "tiny": DemoSize(world="tiny", world_overrides=dict(max_start=9, max_operand=5, max_value=9), model=dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
-                                              num_kv_heads=2), vocab_size=768,
-                     policy_problems=3000, policy_steps=300, policy_batch=16, critic_problems=1200, critic_steps=300,
+                                              num_kv_heads=2), vocab_size=384,
+                     policy_problems=3000, policy_steps=300, policy_batch=16, critic_problems=600, critic_steps=150,
                      label_problems=48, samples_per_problem=4, rollouts=6, prm_steps=80, heldout_problems=32,
                      bon_n=4),
     "small": DemoSize(world="small", world_overrides={}, model=dict(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
@@ -176,7 +176,7 @@ class Demo:
             return
         s = self.size
         self.train("lm", self.path("data", "critic_train.jsonl"), self.path("critic"), s.critic_steps, s.lr,
-                   system_prompt=None, batch=16, buckets=(160, 224, 288))
+                   system_prompt=None, batch=16, buckets=(256, 320, 384))
 
     def stage_judge(self) -> None:
         from prm_jax.toyworld import critic

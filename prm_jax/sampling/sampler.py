@@ -225,8 +225,9 @@ def _check_ids(ids: Sequence[int] | None, n: int, what: str, default: Sequence[i
     ids = [int(x) for x in ids]
     if len(ids) != n:
         raise ValueError(f"{what}: {len(ids)} values for {n} prompts")
-    if any(x < 0 for x in ids):
-        raise ValueError(f"{what}: ids must be >= 0")
+    bad = [x for x in ids if not 0 <= x < 2 ** 31]
+    if bad:
+        raise ValueError(f"{what}: {bad[0]} is outside [0, 2^31) (ids are folded into the PRNG key as int32)")
     return ids
 
 
