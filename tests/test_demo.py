@@ -1,17 +1,27 @@
 """The main job end to end at tiny size: every stage through the real CLI, and the report's
-claims checked against the toy world's truth recomputed here."""
+claims checked against the toy world's truth recomputed here.
+
+The demo runs as a user runs it: `prm-jax demo` in its own process on the plain CPU device (not
+the 8 fake devices the other tests use), so its seeded run is the one users see."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from prm_jax.cli import main
+
+def run_demo(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run([sys.executable, "-m", "prm_jax.cli", "demo", *args], env=env, capture_output=True,
+                          text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("demo") / "run")
-    assert main(["demo", "--out", out, "--size", "tiny", "--quiet"]) == 0
+    proc = run_demo("--out", out, "--size", "tiny", "--quiet")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
 
@@ -53,8 +63,9 @@ def test_demo_report_fields_and_claims(demo_out):
     assert prm_f1 > base_f1, f"consensus PRM F1 {prm_f1:.3f} does not beat the outcome-only baseline {base_f1:.3f}"
 
 
-def test_demo_resume_skips_finished_stages_and_refuses_overwrite(demo_out, capsys):
-    with pytest.raises(SystemExit, match="--resume"):
-        main(["demo", "--out", demo_out, "--size", "tiny"])
-    assert main(["demo", "--out", demo_out, "--size", "tiny", "--resume", "--quiet"]) == 0
-    assert "report: done earlier, skipped" in capsys.readouterr().out
+def test_demo_resume_skips_finished_stages_and_refuses_overwrite(demo_out):
+    refused = run_demo("--out", demo_out, "--size", "tiny")
+    assert refused.returncode != 0 and "--resume" in refused.stderr
+    resumed = run_demo("--out", demo_out, "--size", "tiny", "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "report: done earlier, skipped" in resumed.stdout
