@@ -224,7 +224,8 @@ def test_blocked_causal_attention_equals_full_attention():
 
     rng = np.random.default_rng(0)
     b, t, h, kv, d = 2, 300, 4, 2, 8
-    q, k, v = (jnp.asarray(rng.standard_normal((b, t, n, d)), jnp.float32) for n in (h, kv, kv))
+    q = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, kv, t, d)), jnp.float32) for _ in range(2))  # kv-head-major
     pad = jnp.asarray(np.arange(t)[None] < np.array([[300], [170]]), jnp.int32)
     mask = full_mask(pad, None, b, t)
     import jax
