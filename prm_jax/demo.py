@@ -21,7 +21,6 @@ estimate: how often MC, the judge and their consensus find the true first error.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -391,37 +390,35 @@ def write_markdown(report: dict[str, Any], path: str) -> None:
         f.write("\n".join(text) + "\n")
 
 
-def plot_report(report: dict[str, Any], out: str) -> None:
+def _bar_chart(path: str, names: list[str], percents: list[float], colors: list[str], ylabel: str, title: str,
+               notes: list[str] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lq = report["label_quality"]
-    srcs = ["mc", "judge", "consensus"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    vals = [100 * (lq[s]["first_error_accuracy"] or 0) for s in srcs]
-    ax.bar(srcs, vals, color=["#4c72b0", "#dd8452", "#55a868"])
-    for i, s in enumerate(srcs):
-        ax.text(i, vals[i] + 1, f"n={lq[s]['n']}", ha="center")
-    ax.set_ylabel("first error matches truth (%)")
+    ax.bar(names, percents, color=colors)
+    for i, note in enumerate(notes or []):
+        ax.text(i, percents[i] + 1, note, ha="center")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 110)
-    ax.set_title("Label quality against the toy world's truth")
+    ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "report_label_quality.png"), dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
-    prm = report["prm"]
-    names = ["consensus", "MC only", "judge only", "outcome baseline"]
-    vals = [100 * (prm[k] or 0) for k in ("f1", "mc_f1", "judge_f1", "baseline_f1")]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(names, vals, color=["#55a868", "#4c72b0", "#dd8452", "#999999"])
-    ax.set_ylabel("held-out first-error F1 (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title("PRMs by training labels")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "report_f1.png"), dpi=120)
-    plt.close(fig)
+
+def plot_report(report: dict[str, Any], out: str) -> None:
+    lq, prm = report["label_quality"], report["prm"]
+    srcs = ["mc", "judge", "consensus"]
+    _bar_chart(os.path.join(out, "report_label_quality.png"), srcs,
+               [100 * (lq[s]["first_error_accuracy"] or 0) for s in srcs], ["#4c72b0", "#dd8452", "#55a868"],
+               "first error matches truth (%)", "Label quality against the toy world's truth",
+               notes=[f"n={lq[s]['n']}" for s in srcs])
+    _bar_chart(os.path.join(out, "report_f1.png"), ["consensus", "MC only", "judge only", "outcome baseline"],
+               [100 * (prm[k] or 0) for k in ("f1", "mc_f1", "judge_f1", "baseline_f1")],
+               ["#55a868", "#4c72b0", "#dd8452", "#999999"], "held-out first-error F1 (%)", "PRMs by training labels")
 
 
 # -- driver ----------------------------------------------------------------------------------

@@ -38,8 +38,9 @@ class Line:
         return value
 
 
-def iter_lines(path: str | os.PathLike) -> Iterator[Line]:
-    """Yield every non-blank line of a JSONL file as a `Line`; bad JSON raises RecordError."""
+def iter_items(path: str | os.PathLike) -> Iterator["Line | RecordError"]:
+    """Every non-blank line of a JSONL file as a `Line`, or a RecordError (returned, not raised) for
+    a line that is not a JSON object, so callers can choose to skip and count bad lines."""
     path = os.fspath(path)
     with open(path, encoding="utf-8") as f:
         for lineno, text in enumerate(f, start=1):
@@ -48,10 +49,20 @@ def iter_lines(path: str | os.PathLike) -> Iterator[Line]:
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as e:
-                raise RecordError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                yield RecordError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one JSON object per line")
+                continue
             if not isinstance(record, dict):
-                raise RecordError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                yield RecordError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                continue
             yield Line(path, lineno, record)
+
+
+def iter_lines(path: str | os.PathLike) -> Iterator[Line]:
+    """Yield every non-blank line of a JSONL file as a `Line`; a bad line raises RecordError."""
+    for item in iter_items(path):
+        if isinstance(item, RecordError):
+            raise item
+        yield item
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -32,7 +32,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prm_jax.records import RecordError, Line
+from prm_jax.records import Line, RecordError, iter_items
 
 FORMATS = ("records", "processbench", "prm800k", "math-shepherd", "trl", "gsm8k", "math")
 LABELLED = ("records", "processbench", "prm800k", "math-shepherd", "trl")
@@ -53,23 +53,6 @@ class ConvertResult:
 
 
 # --------------------------------------------------------------------------- raw items
-
-def _jsonl_items(path: str) -> Iterator[Line | RecordError]:
-    """Every non-blank line as a Line, or a RecordError for a line that is not a JSON object."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield RecordError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one JSON object per line")
-                continue
-            if not isinstance(rec, dict):
-                yield RecordError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-                continue
-            yield Line(path, lineno, rec)
-
 
 def _json_array_items(path: str) -> Iterator[Line | RecordError]:
     """Elements of a top-level JSON array, each with the line it starts on."""
@@ -275,13 +258,13 @@ def _from_math(line: Line) -> dict[str, Any]:
 
 
 _READERS: dict[str, tuple[Callable[[str], Iterator[Line | RecordError]], Callable[[Line], dict]]] = {
-    "records": (_jsonl_items, _from_records),
+    "records": (iter_items, _from_records),
     "processbench": (_json_array_items, _from_processbench),
-    "prm800k": (_jsonl_items, _from_prm800k),
-    "math-shepherd": (_jsonl_items, _from_math_shepherd),
-    "trl": (_jsonl_items, _from_trl),
-    "gsm8k": (_jsonl_items, _from_gsm8k),
-    "math": (_jsonl_items, _from_math),
+    "prm800k": (iter_items, _from_prm800k),
+    "math-shepherd": (iter_items, _from_math_shepherd),
+    "trl": (iter_items, _from_trl),
+    "gsm8k": (iter_items, _from_gsm8k),
+    "math": (iter_items, _from_math),
 }
 
 

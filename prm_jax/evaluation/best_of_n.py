@@ -26,7 +26,7 @@ import re
 from collections.abc import Sequence
 
 from prm_jax.evaluation import metrics
-from prm_jax.records import RecordError, ResumableWriter, iter_lines, read_jsonl
+from prm_jax.records import RecordError, iter_lines, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def run_bon(scorer, responses_path: str, out_dir: str, agg: str = "product", plo
     import jax
     from tqdm import tqdm
 
-    from prm_jax.evaluation.scoring import check_resume, same_on_all_hosts
+    from prm_jax.evaluation.scoring import open_resumable_scores
     from prm_jax.labeling.grading import grade_many, normalize_answer
 
     if agg not in metrics.AGGREGATIONS:
@@ -150,13 +150,8 @@ def run_bon(scorer, responses_path: str, out_dir: str, agg: str = "product", plo
         raise ValueError(f"{responses_path}: no responses")
     groups = group_responses(responses)
     main_host = jax.process_index() == 0
-    os.makedirs(out_dir, exist_ok=True)
-    check_resume(scorer, out_dir)
     scores_path = os.path.join(out_dir, "scores.jsonl")
-
-    writer = ResumableWriter(scores_path, key="id") if main_host else None
-    done = writer.done if writer else set()
-    todo = [r for r, t in zip(responses, same_on_all_hosts([r.id not in done for r in responses])) if t]
+    writer, todo = open_resumable_scores(scorer, out_dir, "scores.jsonl", "id", responses, lambda r: r.id)
     bar = tqdm(total=len(todo), desc="bon", unit="response", disable=not (show_progress and main_host))
     try:
         for i, scores in scorer.iter_scores([(r.problem, r.steps) for r in todo], bar.update):

@@ -16,8 +16,8 @@ import os
 from collections.abc import Sequence
 
 from prm_jax.evaluation import metrics
-from prm_jax.evaluation.scoring import check_resume, same_on_all_hosts
-from prm_jax.records import ResumableWriter, read_jsonl, write_jsonl
+from prm_jax.evaluation.scoring import open_resumable_scores
+from prm_jax.records import read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -183,15 +183,10 @@ def run_processbench(scorer, data_dir: str, out_dir: str, subsets: Sequence[str]
         log.warning("subsets %s are not part of the published ProcessBench; reading them anyway", unknown)
     samples = [s for name in subsets for s in load_subset(data_dir, name, limit)]
     main_host = jax.process_index() == 0
-    os.makedirs(out_dir, exist_ok=True)
-    check_resume(scorer, out_dir)
     pred_path = os.path.join(out_dir, "predictions.jsonl")
-
     # Every host runs every batch (the forward is one SPMD program); host 0 writes.
-    writer = ResumableWriter(pred_path, key="key") if main_host else None
-    done = writer.done if writer else set()
-    todo = [s for s, t in zip(samples, same_on_all_hosts([s.key not in done for s in samples])) if t]
-    if done:
+    writer, todo = open_resumable_scores(scorer, out_dir, "predictions.jsonl", "key", samples, lambda s: s.key)
+    if main_host and len(todo) < len(samples):
         print(f"resuming: {len(samples) - len(todo)} of {len(samples)} samples already scored in {pred_path}")
     bar = tqdm(total=len(todo), desc="processbench", unit="sample", disable=not (show_progress and main_host))
     try:

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT, encode_prm, resolve_step_token
 from prm_jax.models.prm import step_probs
 from prm_jax.parallel.mesh import shard_batch, state_shardings
+from prm_jax.records import ResumableWriter
 
 log = logging.getLogger(__name__)
 
@@ -251,3 +252,15 @@ def same_on_all_hosts(todo: Sequence[bool]) -> list[bool]:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(todo, np.bool_))).tolist()
+
+
+def open_resumable_scores(scorer: PRMScorer, out_dir: str, name: str, key: str, items: Sequence,
+                          key_of: Callable) -> tuple[ResumableWriter | None, list]:
+    """The resumable output OUT/name (opened on host 0 only; None elsewhere) and the items still to
+    score, the same list on every host. Refuses an OUT scored with another model or settings."""
+    os.makedirs(out_dir, exist_ok=True)
+    check_resume(scorer, out_dir)
+    writer = ResumableWriter(os.path.join(out_dir, name), key=key) if jax.process_index() == 0 else None
+    done = writer.done if writer else set()
+    todo = [x for x, t in zip(items, same_on_all_hosts([key_of(x) not in done for x in items])) if t]
+    return writer, todo

@@ -80,6 +80,11 @@ class Counters:
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
+    def add_tokens(self, replies: Sequence["Reply"]) -> None:
+        for r in replies:
+            self.prompt_tokens += r.prompt_tokens
+            self.completion_tokens += r.completion_tokens
+
 
 @dataclasses.dataclass(frozen=True)
 class Reply:
@@ -354,9 +359,7 @@ class HTTPClient:
                 self.counters.error("fatal")
                 self.counters.failures += 1
                 raise
-            for r in replies:
-                self.counters.prompt_tokens += r.prompt_tokens
-                self.counters.completion_tokens += r.completion_tokens
+            self.counters.add_tokens(replies)
             return replies
         self.counters.failures += 1
         raise JudgeRequestError(f"gave up after {self.retry.max_retries + 1} attempts; last error: {last}")
@@ -528,9 +531,7 @@ class LocalClient:
             except Exception:
                 self.counters.failures += 1
                 raise
-        for r in replies:
-            self.counters.prompt_tokens += r.prompt_tokens
-            self.counters.completion_tokens += r.completion_tokens
+        self.counters.add_tokens(replies)
         return replies
 
 
