@@ -32,3 +32,12 @@ def test_cached_forward_equals_full_forward():
         h, cache = m.forward_cached(ids[:, t:t + 1], jnp.full((2, 1), t), cache)
         outs.append(m.logits(h))
     np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=1e-5)
+
+
+def test_step_rewards_read_p_correct_at_step_tokens():
+    from prm_jax.models.prm import step_rewards
+
+    logits = np.zeros((1, 4, 2), np.float32)
+    logits[0, 1] = [0.0, np.log(3.0)]  # P(class 1) = 3 / 4
+    logits[0, 3] = [np.log(4.0), 0.0]  # P(class 1) = 1 / 5
+    assert np.allclose(step_rewards(logits, np.array([[5, 9, 5, 9]]), step_token_id=9), [[0.75, 0.2]])

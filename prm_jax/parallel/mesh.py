@@ -139,11 +139,6 @@ def create_sharded(ctor: Callable[[], nnx.Module], mesh: Mesh | None, rules=RULE
     return nnx.merge(graphdef, init())
 
 
-def unshard(tree: Any) -> Any:
-    """Gather every array to host numpy (small models and tests only)."""
-    return jax.tree.map(lambda a: np.asarray(jax.device_get(a)), tree)
-
-
 def initialize_distributed() -> tuple[int, int]:
     """Call jax.distributed.initialize on multi-host runs (TPU pods, multi-node GPU).
 
