@@ -56,8 +56,8 @@ def torch_scores(prm_dir, toy_tokenizer):
     head.load_state_dict({k[len("score."):]: v for k, v in weights.items() if k.startswith("score.")})
     step_id = toy_tokenizer.convert_tokens_to_ids("<extra_0>")
 
-    def score(problem, steps, max_length=MAX_LEN):
-        ids = encode_prm(toy_tokenizer, problem, list(steps), step_id)[:max_length]
+    def score(problem, steps, max_length=MAX_LEN, **prompt):
+        ids = encode_prm(toy_tokenizer, problem, list(steps), step_id, **prompt)[:max_length]
         with torch.no_grad():
             hidden = model(input_ids=torch.tensor([ids])).last_hidden_state
             probs = torch.softmax(head(hidden).float(), -1)[0, :, 1]
@@ -213,6 +213,22 @@ def test_bon_cli_end_to_end(prm_dir, torch_scores, tmp_path, capsys):
     last = [min(range(len(s)), key=lambda i: (s[i], i)) == len(s) - 1 for s in scores.values()]
     assert summary["min_score_at_last_step"]["share"] == pytest.approx(np.mean(last))
     assert math.isclose(summary["response_accuracy"], 6 / 12)
+
+
+def test_eval_uses_the_system_prompt_it_is_given(prm_dir, torch_scores, tmp_path):
+    records = [{"id": f"q{k}", "problem": "What is 15 * 4 - 7?", "answer": "53", "steps": ["15 * 4 = 60", s],
+                "final_answer": "53", "generator": "toy"} for k, s in enumerate(["60 - 7 = 53", "60 - 7 = 50"])]
+    resp = tmp_path / "responses.jsonl"
+    resp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    for flag, prompt in (("", None), ("Think.", "Think.")):
+        out = tmp_path / f"bon{len(flag)}"
+        assert cli.main(["eval", "bon", "--prm", prm_dir, "--responses", str(resp), "--out", str(out),
+                         "--max-length", str(MAX_LEN), "--system-prompt", flag, "--no-plots"]) == 0
+        scores = {r["id"]: r["step_scores"] for r in _rows(out / "scores.jsonl")}
+        for r in records:
+            ref = torch_scores(r["problem"], r["steps"], system_prompt=prompt)
+            np.testing.assert_allclose(scores[r["id"]], ref, atol=2e-5)
+            assert not np.allclose(ref, torch_scores(r["problem"], r["steps"]), atol=1e-4)
 
 
 def test_blocked_causal_attention_equals_full_attention():

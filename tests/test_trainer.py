@@ -86,6 +86,25 @@ def test_soft_bce_matches_torch():
     assert int(correct) == int(((p > 0.5) == (y > 0.5)).sum())
 
 
+def test_class_weighted_losses_match_torch_and_balance_the_classes():
+    w = (3.0, 0.6)
+    logits, labels, mask = _logits_labels(4)
+    total = losses.prm_hard(jnp.asarray(logits), jnp.asarray(labels), class_weights=w)[0]
+    ref = F.cross_entropy(torch.tensor(logits).reshape(-1, 2), torch.tensor(labels).reshape(-1).long(),
+                          weight=torch.tensor(w), ignore_index=-100, reduction="sum")
+    np.testing.assert_allclose(float(total), ref.item(), rtol=1e-5)
+    logits, labels, mask = _logits_labels(5, soft=True)
+    total = losses.prm_soft(jnp.asarray(logits), jnp.asarray(labels), class_weights=w)[0]
+    p = torch.softmax(torch.tensor(logits), -1)[..., 1][torch.tensor(mask)].double()
+    y = torch.tensor(labels)[torch.tensor(mask)].double()
+    ref = F.binary_cross_entropy(p, y, weight=torch.where(y > 0.5, w[1], w[0]).double(), reduction="sum")
+    np.testing.assert_allclose(float(total), ref.item(), rtol=1e-5)
+    # 1 wrong step, 3 right ones: N / (2 N_class) = 4/2 and 4/6.
+    ex = [{"labels": np.array([-100, 1, -100, 0], np.int32)}, {"labels": np.array([1, 1, -100], np.int32)}]
+    assert losses.balanced_class_weights(ex) == (2.0, 4 / 6)
+    assert losses.balanced_class_weights(ex[1:]) == (1.0, 1.0)
+
+
 def test_positions_without_a_label_do_not_affect_the_loss():
     logits, labels, mask = _logits_labels(3)
     other = np.where(mask[..., None], logits, np.random.default_rng(9).normal(size=logits.shape) * 50).astype(np.float32)
@@ -188,9 +207,12 @@ def test_training_learns_a_toy_labelling_and_logs_metrics(tmp_path, toy_tokenize
     train_file = write(tmp_path / "train.jsonl", toy_records(96, 1))
     eval_file = write(tmp_path / "eval.jsonl", toy_records(24, 2))
     cfg = _cfg(toy_tokenizer_dir, "steps=30", "log_every=5", "eval_every=0", "save_every=30", "max_length=64",
-               "buckets=[64]")
+               "buckets=[64]", "class_balance=true")
     out = str(tmp_path / "run")
     s = trainer.train(cfg, train_file, out, eval_file=eval_file, devices=jax.devices()[:1], progress=False)
+    labels = [y for r in toy_records(96, 1) for y in r["labels"]]
+    assert s["data"]["dropped_step_labels"] == 0
+    assert s["class_weights"] == pytest.approx([len(labels) / (2 * labels.count(0)), len(labels) / (2 * sum(labels))])
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     train_rows = [r for r in rows if r.get("split") != "eval"]
     assert [r["step"] for r in train_rows] == [5, 10, 15, 20, 25, 30]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN
+from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT
 
 
 def load_model(path: str, mesh, dtype: str | None):
@@ -44,6 +44,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="cap on rows x bucket length per forward, so long buckets get fewer rows (attention "
                         "scores grow with rows x length^2); 0 = no cap")
     p.add_argument("--step-token", default=DEFAULT_STEP_TOKEN, help="step separator token (name or id)")
+    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
+                   help="the system prompt the PRM was trained with ('' for none; default: Qwen2.5-Math's CoT prompt)")
     p.add_argument("--dtype", default=None, help="compute dtype (e.g. bfloat16); default: the checkpoint's")
     p.add_argument("--no-plots", action="store_true")
 
@@ -79,7 +81,8 @@ def _scorer(args):
     prm = load_model(args.prm, mesh, args.dtype)
     tokenizer = load_tokenizer(args.tokenizer or args.prm)
     return PRMScorer(prm, tokenizer, step_token=args.step_token, batch_size=args.batch_size,
-                     max_length=args.max_length, mesh=mesh, tokens_per_batch=args.tokens_per_batch or None)
+                     max_length=args.max_length, mesh=mesh, tokens_per_batch=args.tokens_per_batch or None,
+                     system_prompt=args.system_prompt or None)
 
 
 def cmd_processbench(args) -> int:

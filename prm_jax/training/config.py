@@ -51,6 +51,7 @@ class OptimConfig:
     eps: float = 1e-8
     clip_norm: float | None = 1.0  # global-norm clipping (None = off)
     accum_steps: int = 1  # gradient accumulation micro-batches per step
+    class_balance: bool = False  # PRM objectives: weight wrong/right steps by inverse frequency in the train file
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ Every `log_every` steps a row is appended to OUT/metrics.jsonl (see `_log_row`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -39,7 +40,7 @@ from prm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from prm_jax.parallel import mesh as pmesh
 from prm_jax.training import checkpoint as ck
 from prm_jax.training.config import TrainConfig
-from prm_jax.training.losses import LOSSES
+from prm_jax.training.losses import LOSSES, balanced_class_weights
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +150,12 @@ def _forward_loss(graphdef, loss_fn, params, mb):
 
 
 def make_train_step(graphdef, objective: str, tx, mesh, param_shardings, opt_shardings,
-                    schedule: optax.Schedule | None = None) -> Callable:
+                    schedule: optax.Schedule | None = None,
+                    class_weights: tuple[float, float] | None = None) -> Callable:
     """One jitted step over a batch [accum, micro, T] (see the module docstring)."""
     loss_fn = LOSSES[objective]
+    if class_weights is not None:
+        loss_fn = functools.partial(loss_fn, class_weights=class_weights)
 
     def step(params, opt_state, batch):
         def micro(carry, mb):
@@ -380,6 +384,10 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
     train_set = pl.encode_records(tokenizer, train_file, opts, progress=progress)
     eval_set = pl.encode_records(tokenizer, eval_file, opts, progress=progress) if eval_file else None
     log.info("train data: %s", train_set.stats.summary())
+    class_weights = None
+    if cfg.optim.class_balance and arch == "prm":
+        class_weights = balanced_class_weights(train_set.examples)
+        log.info("class weights (wrong, right): %.3f, %.3f", *class_weights)
     dataset = pl.train_dataset(train_set.examples, batch_rows=dcfg.batch_size, seed=run.seed,
                                pad_id=tokenizer.pad_token_id, max_length=dcfg.max_length, pack=dcfg.pack,
                                buckets=dcfg.buckets)
@@ -408,10 +416,12 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
             os.remove(metrics_path)
     # Reuse the jitted steps (and so their compilations) across train() calls in one process with
     # the same model, mesh, objective and optimizer settings (the demo and tests train repeatedly).
-    key = (graphdef, mesh, objective, json.dumps(dataclasses.asdict(cfg.optim), sort_keys=True), run.steps)
+    key = (graphdef, mesh, objective, json.dumps(dataclasses.asdict(cfg.optim), sort_keys=True), run.steps,
+           class_weights)
     if key not in _STEP_CACHE:
         _STEP_CACHE.clear()  # keep only the latest: a cached step pins its compiled executables
-        _STEP_CACHE[key] = (make_train_step(graphdef, objective, tx, mesh, param_sh, opt_sh, schedule),
+        _STEP_CACHE[key] = (make_train_step(graphdef, objective, tx, mesh, param_sh, opt_sh, schedule,
+                                            class_weights),
                             make_eval_step(graphdef, objective, mesh, param_sh))
     train_step, eval_step = _STEP_CACHE[key]
     eval_rows = run.eval_batch_size or micro
@@ -538,7 +548,7 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
     elapsed = time.perf_counter() - t_start
     summary = {
         "status": status, "objective": objective, "step": step, "steps": run.steps, "resumed_from": latest,
-        "source": source, "params": n_params, "mesh": dict(mesh.shape),
+        "source": source, "params": n_params, "mesh": dict(mesh.shape), "class_weights": class_weights,
         "loss": last_row.get("loss"), "step_accuracy": last_row.get("step_accuracy"), **last_eval,
         "tokens": total_real, "padded_tokens": total_padded, "time_s": elapsed,
         "tokens_per_s": total_real / elapsed if elapsed else None,
