@@ -1,36 +1,63 @@
 """What only a GPU can show: MFU of our PRM train step on a Qwen2-1.5B-shaped PRM in bf16, and
 the sampler's decode speed next to transformers `generate` on the same GPU, same run.
 
-    python experiments/gpu_check.py [--parts train,sample] [--batch 8] [--seq 2048]
+    python experiments/gpu_check.py [--parts train,sample] [--batch 8] [--seq 2048] [--impls cudnn,xla]
+                                    [--remat on,off] [--preset qwen2_5_1_5b]
 
-Random weights (speed does not depend on them); compile time is excluded and printed apart.
+Random weights (speed does not depend on them), made leaf by leaf by one small compiled program per
+distinct shape (a single jitted init of the whole 1.5B model took 5.5 min to compile on an H200);
+compile time is excluded and printed apart. Every (attention, remat) variant runs; one that fails
+(e.g. out of memory without remat) is reported and the rest go on.
 MFU uses the trainer's FLOP formula (prm_jax.training.trainer.train_flops_per_token) and the
 device's dense bf16 peak (prm_jax.training.trainer.PEAK_FLOPS).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 
-def train_mfu(batch: int, seq: int, impl: str, steps: int = 6) -> None:
+def quick_params(abs_params: dict, shardings: dict) -> dict:
+    """Norm scales 1, biases 0, matrices N(0, 0.02): one compiled program per (shape, sharding)."""
+    @functools.lru_cache(maxsize=None)
+    def maker(shape, dtype, sharding, kind):
+        if kind == "normal":
+            return jax.jit(lambda key: (0.02 * jax.random.normal(key, shape)).astype(dtype), out_shardings=sharding)
+        return jax.jit(lambda key: jnp.full(shape, 1.0 if kind == "ones" else 0.0, dtype), out_shardings=sharding)
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abs_params)
+    sh_leaves = jax.tree.leaves(shardings)
+    out = []
+    for i, ((path, a), sh) in enumerate(zip(leaves, sh_leaves)):
+        name = jax.tree_util.keystr(path)
+        kind = "ones" if "norm" in name else ("zeros" if "bias" in name or a.ndim == 1 else "normal")
+        out.append(maker(a.shape, a.dtype, sh, kind)(jax.random.key(i)))
+    return jax.tree.unflatten(treedef, out)
+
+
+def train_mfu(batch: int, seq: int, impl: str, remat: bool, preset: str, steps: int = 6) -> None:
     from prm_jax.models.prm import Qwen2PRM
     from prm_jax.models.qwen2 import Qwen2Config
     from prm_jax.parallel import mesh as pmesh
     from prm_jax.training import trainer as T
     from prm_jax.training.config import TrainConfig
 
-    cfg = Qwen2Config.qwen2_5_1_5b(param_dtype="float32", dtype="bfloat16", remat=True, attention_impl=impl)
+    cfg = getattr(Qwen2Config, preset)(param_dtype="float32", dtype="bfloat16", remat=remat, attention_impl=impl)
     mesh = pmesh.make_mesh(None)
     abstract = nnx.eval_shape(lambda: Qwen2PRM(cfg, nnx.Rngs(0)))
     graphdef, abs_state = nnx.split(abstract)
     param_sh = nnx.to_pure_dict(pmesh.state_shardings(abs_state, mesh))
-    params = T.init_fresh(cfg, "prm", mesh, 0)
+    t0 = time.perf_counter()
+    params = quick_params(nnx.to_pure_dict(abs_state), param_sh)
+    jax.block_until_ready(params)
+    init_s = time.perf_counter() - t0
     tx = T.make_optimizer(TrainConfig())
     opt_sh, _ = T.opt_state_shardings(tx, jax.eval_shape(lambda: params), param_sh, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
@@ -57,10 +84,10 @@ def train_mfu(batch: int, seq: int, impl: str, steps: int = 6) -> None:
     flops = T.train_flops_per_token(cfg, "prm", seq) * tokens
     peak = T.peak_flops_per_device(jax.devices()[0].device_kind) or float("nan")
     mfu = flops / dt / peak
-    print(f"train PRM qwen2.5-1.5B shape, bf16 compute / f32 master, remat, attention={impl}, batch {batch}x{seq}: "
-          f"{dt * 1e3:.0f} ms/step (median of {steps}), {tokens / dt:,.0f} tokens/s, "
-          f"MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s, loss {float(m['loss']):.3f}, compile {compile_s:.0f} s",
-          flush=True)
+    print(f"train PRM {preset} shape, bf16 compute / f32 master, remat={'on' if remat else 'off'}, "
+          f"attention={impl}, batch {batch}x{seq}: {dt * 1e3:.0f} ms/step (median of {steps}), "
+          f"{tokens / dt:,.0f} tokens/s, MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s, "
+          f"loss {float(m['loss']):.3f}, init {init_s:.0f} s, compile {compile_s:.0f} s", flush=True)
     del params, opt_state
 
 
@@ -115,15 +142,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--impls", default="cudnn,xla")
+    ap.add_argument("--remat", default="off,on", help="remat variants to run (off needs the memory of all activations)")
+    ap.add_argument("--preset", default="qwen2_5_1_5b", help="Qwen2Config preset (small: a CPU smoke run)")
     args = ap.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     parts = args.parts.split(",")
     if "train" in parts:
         for impl in args.impls.split(","):
-            try:
-                train_mfu(args.batch, args.seq, impl)
-            except Exception as e:  # report and go on: one failed variant should not hide the others
-                print(f"train attention={impl}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            for remat in args.remat.split(","):
+                try:
+                    train_mfu(args.batch, args.seq, impl, remat == "on", args.preset)
+                except Exception as e:  # report and go on: one failed variant should not hide the others
+                    print(f"train attention={impl} remat={remat}: failed: {type(e).__name__}: {str(e)[:300]}",
+                          flush=True)
     if "sample" in parts:
         try:
             sampler_vs_hf(64, 256, 256)
