@@ -291,3 +291,16 @@ def test_flop_formula_counts_every_matmul_parameter():
         assert trainer.train_flops_per_token(cfg, arch, T) == 6 * kernels + attention
     assert trainer.peak_flops_per_device("TPU v5p") == 459e12
     assert trainer.peak_flops_per_device("cpu") is None and trainer.peak_flops_per_device("cpu", 1e12) == 1e12
+
+
+def test_dense_matmul_backward_equals_autodiff():
+    from prm_jax.models.qwen2 import matmul
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(7, 3)), jnp.float32)
+    loss = lambda mm: lambda x_, w_: jnp.sum(jnp.sin(mm(x_, w_)))  # noqa: E731
+    ours = jax.grad(loss(matmul), argnums=(0, 1))(x, w)
+    ref = jax.grad(loss(lambda a, b: a @ b), argnums=(0, 1))(x, w)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)

@@ -145,6 +145,27 @@ def _init(key, shape, dtype, scale):
     return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
 
 
+@jax.custom_vjp
+def matmul(x: Array, w: Array) -> Array:
+    """x [..., d_in] @ w [d_in, d_out], with a hand-written backward: the weight gradient as one 2-D
+    matmul over the flattened leading axes. Autodiff's version contracts the batch and time axes of
+    3-D operands, which XLA:CPU runs about 2x slower (small PRM train step on CPU: 4.5 s -> 3.1 s)."""
+    return x @ w
+
+
+def _matmul_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _matmul_bwd(res, dy):
+    x, w = res
+    dw = x.reshape(-1, x.shape[-1]).T @ dy.reshape(-1, dy.shape[-1])
+    return dy @ w.T, dw.astype(w.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 class Dense(nnx.Module):
     """y = x @ kernel (+ bias), kernel [in, out]; cast to the compute dtype at use."""
 
@@ -155,7 +176,7 @@ class Dense(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((d_out,), cfg.param_dtype), logical_axes=(axes[1],)) if bias else None
 
     def __call__(self, x: Array) -> Array:
-        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
