@@ -138,9 +138,8 @@ def run_bon(scorer, responses_path: str, out_dir: str, agg: str = "product", plo
     """Score every response (OUT/scores.jsonl, resumable), grade, and write OUT/bon_summary.json
     and the plots; return the summary. `scorer` is a `PRMScorer`."""
     import jax
-    from tqdm import tqdm
 
-    from prm_jax.evaluation.scoring import open_resumable_scores
+    from prm_jax.evaluation.scoring import open_resumable_scores, score_into
     from prm_jax.labeling.grading import grade_many, normalize_answer
 
     if agg not in metrics.AGGREGATIONS:
@@ -152,16 +151,9 @@ def run_bon(scorer, responses_path: str, out_dir: str, agg: str = "product", plo
     main_host = jax.process_index() == 0
     scores_path = os.path.join(out_dir, "scores.jsonl")
     writer, todo = open_resumable_scores(scorer, out_dir, "scores.jsonl", "id", responses, lambda r: r.id)
-    bar = tqdm(total=len(todo), desc="bon", unit="response", disable=not (show_progress and main_host))
-    try:
-        for i, scores in scorer.iter_scores([(r.problem, r.steps) for r in todo], bar.update):
-            if writer:
-                writer.write({"id": todo[i].id, "problem_key": todo[i].group, "n_steps": len(todo[i].steps),
-                              "step_scores": scores})
-    finally:
-        bar.close()
-        if writer:
-            writer.close()
+    score_into(scorer, writer, todo, lambda r, scores: {"id": r.id, "problem_key": r.group,
+                                                      "n_steps": len(r.steps), "step_scores": scores},
+               "bon", "response", show_progress)
     if not main_host:
         return {}
     scored = {r["id"]: r["step_scores"] for r in read_jsonl(scores_path)}

@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 
 from prm_jax.evaluation import metrics
-from prm_jax.evaluation.scoring import open_resumable_scores
+from prm_jax.evaluation.scoring import open_resumable_scores, score_into
 from prm_jax.records import read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,6 @@ def run_processbench(scorer, data_dir: str, out_dir: str, subsets: Sequence[str]
     """Score, predict, write OUT/predictions.jsonl, OUT/summary.json and the plots; return the summary.
     `scorer` is a `PRMScorer`; `threshold` a number or "tune"."""
     import jax
-    from tqdm import tqdm
 
     tune = threshold == "tune"
     if tune and TUNE_SUBSET not in subsets:
@@ -188,15 +187,8 @@ def run_processbench(scorer, data_dir: str, out_dir: str, subsets: Sequence[str]
     writer, todo = open_resumable_scores(scorer, out_dir, "predictions.jsonl", "key", samples, lambda s: s.key)
     if main_host and len(todo) < len(samples):
         print(f"resuming: {len(samples) - len(todo)} of {len(samples)} samples already scored in {pred_path}")
-    bar = tqdm(total=len(todo), desc="processbench", unit="sample", disable=not (show_progress and main_host))
-    try:
-        for i, scores in scorer.iter_scores([(s.problem, s.steps) for s in todo], bar.update):
-            if writer:
-                writer.write(prediction_row(todo[i], scores, None if tune else threshold))
-    finally:
-        bar.close()
-        if writer:
-            writer.close()
+    score_into(scorer, writer, todo, lambda s, scores: prediction_row(s, scores, None if tune else threshold),
+               "processbench", "sample", show_progress)
     if not main_host:
         return {}
 

@@ -264,3 +264,20 @@ def open_resumable_scores(scorer: PRMScorer, out_dir: str, name: str, key: str, 
     done = writer.done if writer else set()
     todo = [x for x, t in zip(items, same_on_all_hosts([key_of(x) not in done for x in items])) if t]
     return writer, todo
+
+
+def score_into(scorer: PRMScorer, writer: ResumableWriter | None, todo: Sequence, row_of: Callable,
+               desc: str, unit: str, show_progress: bool = True) -> None:
+    """Score `todo` (items with .problem and .steps) and write `row_of(item, scores)` as each
+    finishes (host 0 writes; every host scores), with a progress bar; closes the writer."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), desc=desc, unit=unit, disable=not (show_progress and writer is not None))
+    try:
+        for i, scores in scorer.iter_scores([(x.problem, x.steps) for x in todo], bar.update):
+            if writer:
+                writer.write(row_of(todo[i], scores))
+    finally:
+        bar.close()
+        if writer:
+            writer.close()
