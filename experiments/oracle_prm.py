@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 
 
@@ -42,6 +43,8 @@ def main() -> None:
     truth = true_first_errors(solutions)
     train_file = demo.path("train_oracle.jsonl")
     write_jsonl(train_file, [training_record(r, truth[r["id"]]) for r in solutions])
+    for d in (demo.path(f"prm_{tag}"), demo.path(f"eval_{tag}")):
+        shutil.rmtree(d, ignore_errors=True)  # `prm-jax train` would resume an earlier run there
     demo.train("prm", train_file, demo.path(f"prm_{tag}"), steps, size.prm_lr, init=demo.path("policy", "hf"),
                batch=16)  # exactly as the demo trains its PRMs (Demo.stage_prm)
     demo.cli("eval", "processbench", "--prm", demo.path(f"prm_{tag}", "hf"), "--data", demo.path("heldout"),

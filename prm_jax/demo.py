@@ -100,7 +100,8 @@ class Demo:
             raise RuntimeError(f"prm-jax {argv[0]} exited with {rc}")
 
     def train(self, objective: str, train_file: str, out: str, steps: int, lr: float, *, init: str | None = None,
-              system_prompt: str | None = "default", batch: int = 16, buckets: tuple[int, ...] = (96, 128, 160)) -> None:
+              system_prompt: str | None = "default", batch: int = 16, buckets: tuple[int, ...] = (96, 128, 160),
+              overrides: tuple[str, ...] = ()) -> None:
         args = ["train", "--objective", objective, "--train", train_file, "--out", out,
                 "--set", f"steps={steps}", "--set", f"lr={lr}", "--set", f"batch_size={batch}",
                 "--set", f"max_length={max(buckets)}", "--set", f"buckets={list(buckets)}",
@@ -113,6 +114,8 @@ class Demo:
             args += ["--init-config", model_yaml, "--tokenizer", self.path("tokenizer")]
         if system_prompt is None:
             args += ["--set", "system_prompt="]
+        for kv in overrides:
+            args += ["--set", kv]
         if self.quiet:
             args.append("--quiet")
         self.cli(*args)
