@@ -8,7 +8,7 @@ its own process so its peak memory (max RSS) is its own.
 
 - jax:   prm_jax.training.trainer.make_train_step on one CPU device; batches from our pipeline
          (chat template + step token ids), each batch padded to the next multiple of 64 (one
-         compilation per length; the compilations are not timed).
+         compilation per length; the compilations and one warm-up step per length are not timed).
 - torch: transformers Qwen2ForTokenClassification(num_labels=2) + torch.optim.AdamW, the very same
          token ids and labels, each batch padded to its longest row (the HF collator's choice).
 - trl:   trl.PRMTrainer (trl==0.24.0, installed only in its own venv, e.g.
@@ -110,11 +110,13 @@ def part_jax(work: str, steps: int) -> dict:
     step = trainer.make_train_step(graphdef, "prm", tx, mesh, psh, osh)
     buckets = tuple(range(64, MAX_LEN + 1, 64))  # <= 63 padding slots per row beyond the batch's longest
     batches = [pl.pad_examples(g, buckets, pad) for g in groups]
-    compiled = {}  # ahead-of-time compilation of every padded length (not timed)
-    for b in batches:
+    compiled = {}  # ahead-of-time compilation of every padded length, and one warm-up step each (not timed,
+    for b in batches:  # as torch's and TRL's warm-up steps)
         width = b["input_ids"].shape[1]
         if width not in compiled:
             compiled[width] = step.lower(params, opt_state, pl.place_batch(b, mesh)).compile()
+            params, opt_state, m = compiled[width](params, opt_state, pl.place_batch(b, mesh))
+            jax.block_until_ready(m["loss"])
     rates, losses = [], []
     for b in batches:
         real = int((b["segment_ids"] > 0).sum())
@@ -137,6 +139,8 @@ def part_jax(work: str, steps: int) -> dict:
 
     packed = [fill_rows(b) for b in it]
     run = step.lower(params, opt_state, pl.place_batch(packed[0], mesh)).compile()
+    params, opt_state, m = run(params, opt_state, pl.place_batch(packed[0], mesh))  # warm-up, not timed
+    jax.block_until_ready(m["loss"])
     packed_rates = []
     for b in packed:
         real = int((b["segment_ids"] > 0).sum())
