@@ -110,8 +110,10 @@ def part_jax(work: str, steps: int) -> dict:
     step = trainer.make_train_step(graphdef, "prm", tx, mesh, psh, osh)
     buckets = tuple(range(64, MAX_LEN + 1, 64))  # <= 63 padding slots per row beyond the batch's longest
     batches = [pl.pad_examples(g, buckets, pad) for g in groups]
-    compiled = {}  # ahead-of-time compilation of every padded length, and one warm-up step each (not timed,
-    for b in batches:  # as torch's and TRL's warm-up steps)
+    # Ahead-of-time compilation of every padded length and one warm-up step on each (not timed, like
+    # torch's and TRL's warm-up steps).
+    compiled = {}
+    for b in batches:
         width = b["input_ids"].shape[1]
         if width not in compiled:
             compiled[width] = step.lower(params, opt_state, pl.place_batch(b, mesh)).compile()
