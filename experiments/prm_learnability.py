@@ -11,7 +11,7 @@ under three labellings of increasing difficulty, and prints each learning curve:
 A PRM that learns `subtraction` but stays at chance on `arithmetic` cannot check a computation,
 so no labelling method (MC, judge, consensus, or the truth itself) will make it a verifier.
 
-    python experiments/prm_learnability.py --demo runs/demo [--steps 300] [--solutions 3000]
+    python experiments/prm_learnability.py --demo runs/demo [--steps 300] [--solutions 3000] [--lr LR]
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--demo", required=True, help="a `prm-jax demo --out` directory past its policy stage")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--solutions", type=int, default=3000)
+    ap.add_argument("--lr", type=float, help="peak learning rate (default: the demo's PRM one)")
     ap.add_argument("--rules", default="subtraction,arithmetic,truth")
     args = ap.parse_args()
 
@@ -66,7 +67,7 @@ def main() -> None:
         out = demo.path(f"learnability_{rule}")
         shutil.rmtree(out, ignore_errors=True)  # `prm-jax train` would resume an earlier run there
         write_jsonl(out + ".jsonl", records)
-        demo.train("prm", out + ".jsonl", out, args.steps, demo.size.prm_lr, init=demo.path("policy", "hf"),
+        demo.train("prm", out + ".jsonl", out, args.steps, args.lr or demo.size.prm_lr, init=demo.path("policy", "hf"),
                    overrides=("class_balance=true",))
         curves[rule] = read_jsonl(os.path.join(out, "metrics.jsonl"))
         n = sum(len(r["labels"]) for r in records)
