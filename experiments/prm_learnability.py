@@ -16,7 +16,6 @@ so no labelling method (MC, judge, consensus, or the truth itself) will make it 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -48,15 +47,13 @@ def main() -> None:
     ap.add_argument("--rules", default="subtraction,arithmetic,truth")
     args = ap.parse_args()
 
-    from prm_jax.demo import Demo, Judge, SIZES
+    from prm_jax.demo import Demo
     from prm_jax.records import read_jsonl, write_jsonl
     from prm_jax.toyworld.world import ERROR_KINDS, sample_solutions
 
     if not os.path.isdir(os.path.join(args.demo, "policy", "hf")):
         sys.exit(f"{args.demo}/policy/hf not found: run `prm-jax demo --out {args.demo}` past its policy stage")
-    with open(os.path.join(args.demo, "demo_settings.json"), encoding="utf-8") as f:
-        settings = json.load(f)
-    demo = Demo(args.demo, SIZES[settings["size"]], Judge(**settings["judge"]), settings["seed"], quiet=True)
+    demo = Demo.load(args.demo)
     problems = read_jsonl(demo.path("data", "policy_problems.jsonl"))[: args.solutions]
     curves = {}
     for rule in args.rules.split(","):

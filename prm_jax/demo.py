@@ -34,6 +34,7 @@ from prm_jax.records import read_jsonl, write_jsonl
 STAGES = ("world", "policy", "sample", "rollout", "critic", "judge", "filter", "prm-consensus", "prm-mc",
           "prm-judge", "heldout", "eval-consensus", "eval-mc", "eval-judge", "report")
 LABEL_SETS = ("consensus", "mc", "judge")
+SETTINGS_FILE = "demo_settings.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +86,12 @@ class Judge:
 class Demo:
     def __init__(self, out: str, size: DemoSize, judge: Judge, seed: int, quiet: bool):
         self.out, self.size, self.judge, self.seed, self.quiet = out, size, judge, seed, quiet
+
+    @classmethod
+    def load(cls, out: str, quiet: bool = True) -> "Demo":
+        """The demo run in `out`, with the size, judge and seed it was started with."""
+        settings = _load_json(os.path.join(out, SETTINGS_FILE))
+        return cls(out, SIZES[settings["size"]], Judge(**settings["judge"]), settings["seed"], quiet)
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)
@@ -446,7 +453,7 @@ def run_demo(out: str, size: str = "tiny", judge: Judge = Judge(), seed: int = 0
     _compilation_cache(os.path.join(out, ".jax_cache"))
     demo = Demo(out, SIZES[size], judge, seed, quiet)
     settings = {"size": size, "judge": dataclasses.asdict(judge), "seed": seed}
-    settings_path = os.path.join(out, "demo_settings.json")
+    settings_path = os.path.join(out, SETTINGS_FILE)
     if os.path.exists(settings_path) and _load_json(settings_path) != settings:
         raise SystemExit(f"{settings_path}: this run used {_load_json(settings_path)}; resume it with the same "
                          "options or choose a new --out")
