@@ -1,13 +1,17 @@
 """What only a GPU can show: MFU of our PRM train step on a Qwen2-1.5B-shaped PRM in bf16, and
 the sampler's decode speed next to transformers `generate` on the same GPU, same run.
 
-    python experiments/gpu_check.py [--parts train,sample] [--batch 8] [--seq 2048] [--impls cudnn,xla]
-                                    [--remat on,off] [--preset qwen2_5_1_5b]
+    python experiments/gpu_check.py [--parts train,sample] [--seq 2048] [--preset qwen2_5_1_5b]
+                                    [--variants causal/off/8,causal/matmuls/8,...]
 
+A train variant is attention/remat/batch: attention `causal` (cuDNN flash attention, causal mask
+in the kernel, rows unpacked: no bias), `packed` (the same with packed rows: the segment mask goes in
+as a [B,T,T] bias) or `xla` (plain XLA attention); remat `off`, `full` (keep only each layer's
+input) or `matmuls` (keep every matmul's output, recompute only elementwise work); batch rows.
 Random weights (speed does not depend on them), made leaf by leaf by one small compiled program per
 distinct shape (a single jitted init of the whole 1.5B model took 5.5 min to compile on an H200);
-compile time is excluded and printed apart. Every (attention, remat) variant runs; one that fails
-(e.g. out of memory without remat) is reported and the rest go on.
+compile time is excluded and printed apart. Every variant runs; one that fails (e.g. out of memory
+without remat) is reported and the rest go on.
 MFU uses the trainer's FLOP formula (prm_jax.training.trainer.train_flops_per_token) and the
 device's dense bf16 peak (prm_jax.training.trainer.PEAK_FLOPS).
 """
@@ -42,14 +46,18 @@ def quick_params(abs_params: dict, shardings: dict) -> dict:
     return jax.tree.unflatten(treedef, out)
 
 
-def train_mfu(batch: int, seq: int, impl: str, remat: bool, preset: str, steps: int = 6) -> None:
+def train_mfu(variant: str, seq: int, preset: str, steps: int = 6) -> None:
     from prm_jax.models.prm import Qwen2PRM
     from prm_jax.models.qwen2 import Qwen2Config
     from prm_jax.parallel import mesh as pmesh
     from prm_jax.training import trainer as T
     from prm_jax.training.config import TrainConfig
 
-    cfg = getattr(Qwen2Config, preset)(param_dtype="float32", dtype="bfloat16", remat=remat, attention_impl=impl)
+    attn, remat, batch = variant.split("/")
+    batch = int(batch)
+    cfg = getattr(Qwen2Config, preset)(
+        param_dtype="float32", dtype="bfloat16", attention_impl="xla" if attn == "xla" else "cudnn",
+        remat=remat != "off", remat_saves="matmuls" if remat == "matmuls" else "nothing")
     mesh = pmesh.make_mesh(None)
     abstract = nnx.eval_shape(lambda: Qwen2PRM(cfg, nnx.Rngs(0)))
     graphdef, abs_state = nnx.split(abstract)
@@ -61,7 +69,7 @@ def train_mfu(batch: int, seq: int, impl: str, remat: bool, preset: str, steps: 
     tx = T.make_optimizer(TrainConfig())
     opt_sh, _ = T.opt_state_shardings(tx, jax.eval_shape(lambda: params), param_sh, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    step = T.make_train_step(graphdef, "prm", tx, mesh, param_sh, opt_sh)
+    step = T.make_train_step(graphdef, "prm", tx, mesh, param_sh, opt_sh, packed=attn == "packed")
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, (1, batch, seq), dtype=np.int32)
     labels = np.full((1, batch, seq), -100, np.int32)
@@ -84,11 +92,32 @@ def train_mfu(batch: int, seq: int, impl: str, remat: bool, preset: str, steps: 
     flops = T.train_flops_per_token(cfg, "prm", seq) * tokens
     peak = T.peak_flops_per_device(jax.devices()[0].device_kind) or float("nan")
     mfu = flops / dt / peak
-    print(f"train PRM {preset} shape, bf16 compute / f32 master, remat={'on' if remat else 'off'}, "
-          f"attention={impl}, batch {batch}x{seq}: {dt * 1e3:.0f} ms/step (median of {steps}), "
+    mem = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / 2**30
+    print(f"train PRM {preset} shape, bf16 compute / f32 master, attention={attn}, remat={remat}, "
+          f"batch {batch}x{seq}: {dt * 1e3:.0f} ms/step (median of {steps}), peak mem {mem:.1f} GiB, "
           f"{tokens / dt:,.0f} tokens/s, MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s, "
           f"loss {float(m['loss']):.3f}, init {init_s:.0f} s, compile {compile_s:.0f} s", flush=True)
     del params, opt_state
+
+
+def flash_attention_check() -> None:
+    """cuDNN flash attention against the plain attention, on packed rows with padding, bf16."""
+    from prm_jax.models.qwen2 import attention, flash_attention, full_mask
+
+    b, t, h, kv, d = 2, 512, 12, 2, 128
+    kq, kk, kv_ = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (b, t, h, d), jnp.bfloat16)
+    k = jax.random.normal(kk, (b, t, kv, d), jnp.bfloat16)
+    v = jax.random.normal(kv_, (b, t, kv, d), jnp.bfloat16)
+    seg = jnp.asarray(np.repeat([[1, 2, 3, 0]], t // 4, axis=1).repeat(b, 0))  # three packed + padding
+    ref = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), full_mask(None, seg, b, t))
+    real = (seg > 0)[..., None, None]
+    for name, mask in (("packed", full_mask(None, seg, b, t, causal=False)), ("causal only", None)):
+        want = ref if mask is not None else attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                                                      full_mask(None, None, b, t))
+        got = flash_attention(q, k, v, mask)
+        err = float(jnp.max(jnp.where(real, jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)), 0)))
+        print(f"flash attention (cuDNN) vs plain attention, {name}, bf16: max abs diff {err:.4f}", flush=True)
 
 
 def sampler_vs_hf(batch: int, prompt_len: int, new_tokens: int) -> None:
@@ -139,22 +168,21 @@ def sampler_vs_hf(batch: int, prompt_len: int, new_tokens: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="train,sample")
-    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--impls", default="cudnn,xla")
-    ap.add_argument("--remat", default="off,on", help="remat variants to run (off needs the memory of all activations)")
+    ap.add_argument("--variants", default="causal/off/8,causal/off/4,causal/matmuls/8,causal/full/8,packed/full/8",
+                    help="attention/remat/batch, comma-separated (see the module docstring)")
     ap.add_argument("--preset", default="qwen2_5_1_5b", help="Qwen2Config preset (small: a CPU smoke run)")
     args = ap.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     parts = args.parts.split(",")
+    if "attn" in parts:
+        flash_attention_check()
     if "train" in parts:
-        for impl in args.impls.split(","):
-            for remat in args.remat.split(","):
-                try:
-                    train_mfu(args.batch, args.seq, impl, remat == "on", args.preset)
-                except Exception as e:  # report and go on: one failed variant should not hide the others
-                    print(f"train attention={impl} remat={remat}: failed: {type(e).__name__}: {str(e)[:300]}",
-                          flush=True)
+        for variant in args.variants.split(","):
+            try:
+                train_mfu(variant, args.seq, args.preset)
+            except Exception as e:  # report and go on: one failed variant should not hide the others
+                print(f"train {variant}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
     if "sample" in parts:
         try:
             sampler_vs_hf(64, 256, 256)

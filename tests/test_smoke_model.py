@@ -41,3 +41,51 @@ def test_step_rewards_read_p_correct_at_step_tokens():
     logits[0, 1] = [0.0, np.log(3.0)]  # P(class 1) = 3 / 4
     logits[0, 3] = [np.log(4.0), 0.0]  # P(class 1) = 1 / 5
     assert np.allclose(step_rewards(logits, np.array([[5, 9, 5, 9]]), step_token_id=9), [[0.75, 0.2]])
+
+
+def _numpy_attention(q, k, v, seg):
+    """Reference written out: softmax(q k^T / sqrt(d)) v per head, a query seeing keys at or before it
+    in its own segment; kv head j serves query heads j*G .. j*G+G-1."""
+    b, t, h, d = q.shape
+    g = h // k.shape[2]
+    out = np.zeros_like(q)
+    for r in range(b):
+        for i in range(t):
+            seen = [j for j in range(i + 1) if seg[r, j] == seg[r, i]]
+            for hh in range(h):
+                s = np.array([q[r, i, hh] @ k[r, j, hh // g] for j in seen]) / np.sqrt(d)
+                w = np.exp(s - s.max())
+                out[r, i, hh] = (w / w.sum()) @ v[r, seen, hh // g]
+    return out
+
+
+def test_flash_attention_is_causal_with_segment_bias():
+    """The cuDNN path's masking (causality from the kernel's flag, the segment mask as a bias), run
+    through jax's XLA implementation of the same call, against attention written out in numpy."""
+    from prm_jax.models.qwen2 import flash_attention, full_mask
+
+    rng = np.random.default_rng(0)
+    b, t, h, kv, d = 2, 10, 4, 2, 8
+    q = rng.standard_normal((b, t, h, d)).astype(np.float32)
+    k, v = (rng.standard_normal((b, t, kv, d)).astype(np.float32) for _ in range(2))
+    packed = np.array([[1, 1, 1, 2, 2, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 2, 2, 2, 2, 2]])
+    got = flash_attention(q, k, v, full_mask(None, jnp.asarray(packed), b, t, causal=False), implementation="xla")
+    real = packed > 0
+    np.testing.assert_allclose(np.asarray(got)[real], _numpy_attention(q, k, v, packed)[real], atol=1e-5)
+    one_sequence = np.ones_like(packed)
+    got = flash_attention(q, k, v, None, implementation="xla")
+    np.testing.assert_allclose(np.asarray(got), _numpy_attention(q, k, v, one_sequence), atol=1e-5)
+
+
+def test_remat_keeping_matmuls_gives_the_same_gradients():
+    import jax
+
+    ids = jnp.asarray(np.random.RandomState(1).randint(0, 50, (2, 7)))
+    grads = []
+    for kw in ({}, {"remat": True, "remat_saves": "matmuls"}, {"remat": True}):
+        graphdef, params = nnx.split(Qwen2ForCausalLM(Qwen2Config.tiny(vocab_size=50, **kw), nnx.Rngs(0)))
+        loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(ids) ** 2)  # noqa: E731
+        grads.append(jax.tree.leaves(jax.grad(loss)(params)))
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -18,8 +18,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
+REMAT_POLICIES = {"nothing": None, "matmuls": jax.checkpoint_policies.save_only_these_names("matmul")}
 KVCache = list  # [(k, v)] per layer, each [B, kv_heads, S, head_dim]
 
 
@@ -39,11 +41,15 @@ class Qwen2Config:
     param_dtype: str = "float32"  # storage ("master") dtype of the weights
     dtype: str = "float32"  # compute dtype
     remat: bool = False  # recompute each layer's activations in the backward pass
+    remat_saves: str = "nothing"  # under remat, what the forward keeps: "nothing" beyond each layer's input,
+    # or "matmuls" (every projection's and attention's output; only elementwise work is recomputed)
     attention_impl: str = "xla"  # full-sequence attention: "xla" (any backend) or "cudnn" (flash, NVIDIA GPUs)
 
     def __post_init__(self):
         if self.attention_impl not in ("xla", "cudnn"):
             raise ValueError(f"attention_impl={self.attention_impl!r}: expected 'xla' or 'cudnn'")
+        if self.remat_saves not in REMAT_POLICIES:
+            raise ValueError(f"remat_saves={self.remat_saves!r}: expected one of {sorted(REMAT_POLICIES)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
 
@@ -176,7 +182,7 @@ class Dense(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((d_out,), cfg.param_dtype), logical_axes=(axes[1],)) if bias else None
 
     def __call__(self, x: Array) -> Array:
-        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = checkpoint_name(matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype)), "matmul")
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -242,10 +248,14 @@ def causal_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     return jnp.concatenate(outs, axis=1)
 
 
-def cudnn_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """cuDNN flash attention (NVIDIA GPUs); the mask (causal, padding, packing) goes in as a bias."""
-    bias = jnp.where(mask[:, None], 0.0, -1e9).astype(q.dtype)
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn")
+def flash_attention(q: Array, k: Array, v: Array, mask: Array | None, implementation: str = "cudnn") -> Array:
+    """Causal fused attention (cuDNN flash on NVIDIA GPUs: the fully masked upper tiles are skipped).
+    q [B,T,H,D], k/v [B,T,K,D]. `mask` [B,T,S] holds only what causality does not (same segment, key
+    not padding) and goes in as a bias; None for rows that each hold one sequence, right-padded or not
+    (a real token never sees a later pad), and then no [B,T,T] bias is read at all."""
+    bias = None if mask is None else jnp.where(mask[:, None], 0.0, -1e9).astype(q.dtype)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=True, implementation=implementation)
+    return checkpoint_name(out, "matmul")
 
 
 class Attention(nnx.Module):
@@ -273,7 +283,7 @@ class Attention(nnx.Module):
             k, v = cache = _write_cache(cache, k, v, positions[:, 0])
             out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         elif self.cfg.attention_impl == "cudnn":
-            out = cudnn_attention(q, k, v, mask)
+            out = flash_attention(q, k, v, mask)
         else:  # no cache: full causal forward, k/v to the kv-head-major layout
             out = causal_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
         return self.o_proj(out.reshape(*x.shape[:2], -1)), cache
@@ -325,10 +335,11 @@ def default_positions(input_ids: Array, segment_ids: Array | None) -> Array:
     return idx - start_idx
 
 
-def full_mask(attention_mask: Array | None, segment_ids: Array | None, b: int, t: int) -> Array:
+def full_mask(attention_mask: Array | None, segment_ids: Array | None, b: int, t: int,
+              causal: bool = True) -> Array:
     """[B, T, T] bool: causal, keys not padding, and (if packed) same segment."""
     i = jnp.arange(t)
-    mask = jnp.broadcast_to(i[None, :, None] >= i[None, None, :], (b, t, t))
+    mask = jnp.broadcast_to(i[None, :, None] >= i[None, None, :] if causal else True, (b, t, t))
     if attention_mask is not None:
         mask = mask & attention_mask.astype(bool)[:, None, :]
     if segment_ids is not None:
@@ -356,11 +367,16 @@ class Qwen2Model(nnx.Module):
             attention_mask = jnp.asarray(attention_mask)
         if positions is None:
             positions = default_positions(input_ids, segment_ids)
-        mask = full_mask(attention_mask, segment_ids, b, t)
+        if self.cfg.attention_impl == "cudnn":  # causality is the kernel's own; the rest goes in as a bias
+            plain = attention_mask is None and segment_ids is None
+            mask = None if plain else full_mask(attention_mask, segment_ids, b, t, causal=False)
+        else:
+            mask = full_mask(attention_mask, segment_ids, b, t)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             if self.cfg.remat:
-                x, _ = nnx.remat(lambda lyr, x_: lyr(x_, positions, mask))(layer, x)
+                x, _ = nnx.remat(lambda lyr, x_: lyr(x_, positions, mask),
+                                   policy=REMAT_POLICIES[self.cfg.remat_saves])(layer, x)
             else:
                 x, _ = layer(x, positions, mask)
         return self.norm(x)

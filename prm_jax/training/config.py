@@ -3,7 +3,7 @@
 
 YAML layout (every key optional; unknown keys are errors):
 
-    model: {preset, overrides, tokenizer, dtype, param_dtype, remat}
+    model: {preset, overrides, tokenizer, dtype, param_dtype, remat, remat_saves, attention_impl}
     data:  {max_length, batch_size, pack, buckets, step_token, system_prompt}
     optim: {lr, warmup_steps, min_lr_ratio, weight_decay, b1, b2, eps, clip_norm, accum_steps}
     run:   {steps, seed, mesh, log_every, eval_every, eval_batch_size, save_every, keep, peak_flops, export_hf}
@@ -28,6 +28,8 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; "bfloat16" with param_dtype float32 = bf16 compute, f32 master weights
     param_dtype: str = "float32"
     remat: bool = False  # recompute each layer's activations in the backward pass
+    remat_saves: str = "nothing"  # under remat: "nothing" (layer inputs only) or "matmuls" (recompute elementwise only)
+    attention_impl: str = "xla"  # "cudnn": flash attention on NVIDIA GPUs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -143,35 +143,42 @@ def batch_shardings(mesh) -> dict[str, NamedSharding]:
     return {k: s for k in ("input_ids", "labels", "segment_ids", "positions")}
 
 
-def _forward_loss(graphdef, loss_fn, params, mb):
+def _forward_loss(graphdef, loss_fn, params, mb, packed: bool = True):
+    """Unpacked rows (one right-padded sequence each) need no segment mask: a real token never sees a
+    later pad, and pads carry no label. Leaving it out lets flash attention skip its [T, T] bias."""
     model = nnx.merge(graphdef, params)
-    logits = model(mb["input_ids"], positions=mb["positions"], segment_ids=mb["segment_ids"])
+    logits = model(mb["input_ids"], positions=mb["positions"], segment_ids=mb["segment_ids"] if packed else None)
     return loss_fn(logits, mb["labels"])
 
 
 def make_train_step(graphdef, objective: str, tx, mesh, param_shardings, opt_shardings,
                     schedule: optax.Schedule | None = None,
-                    class_weights: tuple[float, float] | None = None) -> Callable:
+                    class_weights: tuple[float, float] | None = None, packed: bool = True) -> Callable:
     """One jitted step over a batch [accum, micro, T] (see the module docstring)."""
     loss_fn = LOSSES[objective]
     if class_weights is not None:
         loss_fn = functools.partial(loss_fn, class_weights=class_weights)
 
     def step(params, opt_state, batch):
-        def micro(carry, mb):
-            gsum, lsum, n, c = carry
-
+        def grads_of(mb):
             def f(p):
-                l_, n_, c_ = _forward_loss(graphdef, loss_fn, p, mb)
+                l_, n_, c_ = _forward_loss(graphdef, loss_fn, p, mb, packed)
                 return l_, (n_, c_)
 
             (l, (n_, c_)), g = jax.value_and_grad(f, has_aux=True)(params)
-            gsum = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), gsum, g)
-            return (gsum, lsum + l, n + n_, c + c_), None
+            return jax.tree.map(lambda a: a.astype(jnp.float32), g), l, n_, c_
 
-        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), params)
-        init = (zeros, jnp.float32(0), jnp.int32(0), jnp.int32(0))
-        (gsum, lsum, n, c), _ = jax.lax.scan(micro, init, batch)
+        def micro(carry, mb):
+            g, l, n_, c_ = grads_of(mb)
+            gsum, lsum, n, c = carry
+            return (jax.tree.map(jnp.add, gsum, g), lsum + l, n + n_, c + c_), None
+
+        if batch["input_ids"].shape[0] == 1:  # no accumulation: no f32 zero tree to add into
+            gsum, lsum, n, c = grads_of(jax.tree.map(lambda a: a[0], batch))
+        else:
+            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), params)
+            init = (zeros, jnp.float32(0), jnp.int32(0), jnp.int32(0))
+            (gsum, lsum, n, c), _ = jax.lax.scan(micro, init, batch)
         denom = jnp.maximum(n, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), gsum, params)
         loss = lsum / denom
@@ -192,12 +199,12 @@ def make_train_step(graphdef, objective: str, tx, mesh, param_shardings, opt_sha
                    out_shardings=(param_shardings, opt_shardings, rep), donate_argnums=(0, 1))
 
 
-def make_eval_step(graphdef, objective: str, mesh, param_shardings) -> Callable:
+def make_eval_step(graphdef, objective: str, mesh, param_shardings, packed: bool = True) -> Callable:
     loss_fn = LOSSES[objective]
 
     def step(params, batch):
         def micro(carry, mb):
-            l, n, c = _forward_loss(graphdef, loss_fn, params, mb)
+            l, n, c = _forward_loss(graphdef, loss_fn, params, mb, packed)
             return (carry[0] + l, carry[1] + n, carry[2] + c), None
         (l, n, c), _ = jax.lax.scan(micro, (jnp.float32(0), jnp.int32(0), jnp.int32(0)), batch)
         return l, n, c
@@ -360,7 +367,9 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
             source = f"fresh {cfg.model.preset} model"
         else:
             raise ValueError("no model: give --init DIR or --init-config PRESET|YAML (model.preset)")
-    model_cfg = model_cfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+    m = cfg.model
+    model_cfg = model_cfg.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, remat_saves=m.remat_saves,
+                                  attention_impl=m.attention_impl)
 
     step_token_id = None
     if arch == "prm":
@@ -417,12 +426,12 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
     # Reuse the jitted steps (and so their compilations) across train() calls in one process with
     # the same model, mesh, objective and optimizer settings (the demo and tests train repeatedly).
     key = (graphdef, mesh, objective, json.dumps(dataclasses.asdict(cfg.optim), sort_keys=True), run.steps,
-           class_weights)
+           class_weights, dcfg.pack)
     if key not in _STEP_CACHE:
         _STEP_CACHE.clear()  # keep only the latest: a cached step pins its compiled executables
         _STEP_CACHE[key] = (make_train_step(graphdef, objective, tx, mesh, param_sh, opt_sh, schedule,
-                                            class_weights),
-                            make_eval_step(graphdef, objective, mesh, param_sh))
+                                            class_weights, packed=dcfg.pack),
+                            make_eval_step(graphdef, objective, mesh, param_sh, packed=dcfg.pack))
     train_step, eval_step = _STEP_CACHE[key]
     eval_rows = run.eval_batch_size or micro
     meta = {**ck.model_meta(model_cfg, arch), "objective": objective, "config": cfg.to_dict(),
