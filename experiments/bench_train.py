@@ -17,7 +17,7 @@ its own process so its peak memory (max RSS) is its own.
          its rows are somewhat shorter: throughput is compared per real token).
 
 Throughput = real (non-padding) tokens / step wall time, median over the timed steps (compilation
-and warm-up steps excluded). `--part mfu` (a GPU/TPU) measures MFU of a Qwen2-1.5B-shaped PRM in bf16.
+and warm-up steps excluded). MFU on a GPU: experiments/gpu_check.py.
 
     python experiments/bench_train.py [--steps 3] [--trl-python /tmp/bench-trl/bin/python]
 """
@@ -108,30 +108,41 @@ def part_jax(work: str, steps: int) -> dict:
     osh, _ = trainer.opt_state_shardings(tx, params, psh, mesh)
     opt_state = jax.jit(tx.init, out_shardings=osh)(params)
     step = trainer.make_train_step(graphdef, "prm", tx, mesh, psh, osh)
-    buckets = tuple(range(64, MAX_LEN + 1, 64))  # <= 63 padding slots per row beyond the batch's longest
-    batches = [pl.pad_examples(g, buckets, pad) for g in groups]
-    # Ahead-of-time compilation of every padded length and one warm-up step on each (not timed, like
-    # torch's and TRL's warm-up steps).
     compiled = {}
-    for b in batches:
-        width = b["input_ids"].shape[1]
-        if width not in compiled:
-            compiled[width] = step.lower(params, opt_state, pl.place_batch(b, mesh)).compile()
-            params, opt_state, m = compiled[width](params, opt_state, pl.place_batch(b, mesh))
-            jax.block_until_ready(m["loss"])
-    rates, losses = [], []
-    for b in batches:
-        real = int((b["segment_ids"] > 0).sum())
-        t = time.perf_counter()
-        params, opt_state, m = compiled[b["input_ids"].shape[1]](params, opt_state, pl.place_batch(b, mesh))
-        loss = float(m["loss"])  # waits for the step
-        rates.append(real / (time.perf_counter() - t))
-        losses.append(loss)
+
+    def timed(batches):
+        """Real tokens/s of each batch. Every new padded length is compiled ahead and run once
+        untimed (like torch's and TRL's warm-up steps)."""
+        nonlocal params, opt_state
+        for b in batches:
+            width = b["input_ids"].shape[1]
+            if width not in compiled:
+                compiled[width] = step.lower(params, opt_state, pl.place_batch(b, mesh)).compile()
+                params, opt_state, m = compiled[width](params, opt_state, pl.place_batch(b, mesh))
+                jax.block_until_ready(m["loss"])
+        rates = []
+        for b in batches:
+            real = int((b["segment_ids"] > 0).sum())
+            t = time.perf_counter()
+            params, opt_state, m = compiled[b["input_ids"].shape[1]](params, opt_state, pl.place_batch(b, mesh))
+            float(m["loss"])  # waits for the step
+            rates.append(real / (time.perf_counter() - t))
+        fill = float(np.mean([(b["segment_ids"] > 0).mean() for b in batches]))
+        return {"tokens_per_s": statistics.median(rates), "rates": rates, "fill": fill}
+
+    buckets = tuple(range(64, MAX_LEN + 1, 64))  # <= 63 padding slots per row beyond the batch's longest
+    padded = timed([pl.pad_examples(g, buckets, pad) for g in groups])
+    # The same records batched by our pipeline's length grouping (one window over all of them).
+    pool = [e for g in groups for e in g]
+    order = pl.length_grouped_order(np.array([len(e["input_ids"]) for e in pool]), seed=0, epoch=0,
+                                    batch_rows=BATCH, window=len(groups))
+    grouped = timed([pl.pad_examples([pool[i] for i in order[k:k + BATCH]], buckets, pad)
+                     for k in range(0, len(pool), BATCH)])
     # The same records first-fit packed into full 512-token rows with segment ids (our pipeline's
     # packing; attention stays within each example), one shape.
     import grain
     it = grain.experimental.FirstFitPackIterDataset(
-        grain.MapDataset.source([e for g in groups for e in g]).to_iter_dataset(),
+        grain.MapDataset.source(pool).to_iter_dataset(),
         length_struct={"input_ids": MAX_LEN, "labels": MAX_LEN}, num_packing_bins=BATCH, shuffle_bins=False,
         padding_struct={"input_ids": pad, "labels": pl.IGNORE}).batch(BATCH).map(pl._from_packed)
     def fill_rows(b):  # the packer's last group can have fewer rows: add empty ones
@@ -139,23 +150,9 @@ def part_jax(work: str, steps: int) -> dict:
         pad_to = {"input_ids": pad, "labels": pl.IGNORE, "segment_ids": 0, "positions": 0}
         return {k: np.concatenate([v, np.full((n, v.shape[1]), pad_to[k], v.dtype)]) for k, v in b.items()}
 
-    packed = [fill_rows(b) for b in it]
-    run = step.lower(params, opt_state, pl.place_batch(packed[0], mesh)).compile()
-    params, opt_state, m = run(params, opt_state, pl.place_batch(packed[0], mesh))  # warm-up, not timed
-    jax.block_until_ready(m["loss"])
-    packed_rates = []
-    for b in packed:
-        real = int((b["segment_ids"] > 0).sum())
-        t = time.perf_counter()
-        params, opt_state, m = run(params, opt_state, pl.place_batch(b, mesh))
-        float(m["loss"])
-        packed_rates.append(real / (time.perf_counter() - t))
-    return {"tokens_per_s": statistics.median(rates), "rates": rates, "peak_rss_mib": peak_rss_mib(),
-            "shapes": sorted({b["input_ids"].shape[1] for b in batches}), "loss": losses[-1],
-            "packed": {"tokens_per_s": statistics.median(packed_rates), "rates": packed_rates,
-                       "fill": float(np.mean([(b["segment_ids"] > 0).mean() for b in packed]))},
-            "padded_fill": float(np.mean([(b["segment_ids"] > 0).mean() for b in batches])),
-            "tokens_per_row": float(np.mean([(b["segment_ids"] > 0).sum() / BATCH for b in batches]))}
+    packed = timed([fill_rows(b) for b in it])
+    return {**padded, "peak_rss_mib": peak_rss_mib(), "grouped": grouped, "packed": packed,
+            "tokens_per_row": sum(len(e["input_ids"]) for e in pool) / len(pool)}
 
 
 def _torch_model():
@@ -250,55 +247,6 @@ def part_trl(work: str, steps: int, warmup: int) -> dict:
             "tokens_per_row": statistics.mean(tokens[warmup:]) / BATCH}
 
 
-def part_mfu(steps: int, batch: int, seq: int, preset: str = "qwen2_5_1_5b") -> dict:
-    """MFU of a Qwen2-1.5B-shaped PRM train step in bf16 compute / f32 master weights, on all devices
-    of one host (fsdp over them), full rows; FLOPs by trainer.train_flops_per_token."""
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    from prm_jax.data import pipeline as pl
-    from prm_jax.models.prm import Qwen2PRM
-    from prm_jax.models.qwen2 import Qwen2Config
-    from prm_jax.parallel import mesh as pmesh
-    from prm_jax.training import trainer
-    from prm_jax.training.config import apply_overrides, TrainConfig
-
-    n = len(jax.devices())
-    mesh = pmesh.make_mesh(f"data=1,fsdp={n},tensor=1")
-    cfg = getattr(Qwen2Config, preset)(dtype="bfloat16", param_dtype="float32", remat=True)
-    tcfg = apply_overrides(TrainConfig(), ["lr=1e-5", "warmup_steps=0", "steps=1000"])
-    model = pmesh.create_sharded(lambda: Qwen2PRM(cfg, nnx.Rngs(0)), mesh)
-    graphdef, state = nnx.split(model)
-    psh = nnx.to_pure_dict(pmesh.state_shardings(state, mesh))
-    params = nnx.to_pure_dict(state)
-    del model, state
-    tx = trainer.make_optimizer(tcfg)
-    osh, _ = trainer.opt_state_shardings(tx, params, psh, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=osh)(params)
-    step = trainer.make_train_step(graphdef, "prm", tx, mesh, psh, osh)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32)
-    labels = np.where(rng.random((batch, seq)) < 0.05, rng.integers(0, 2, (batch, seq)), -100).astype(np.int32)
-    b = {"input_ids": ids, "labels": labels, "segment_ids": np.ones_like(ids),
-         "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy()}
-    placed = pl.place_batch(b, mesh)
-    for _ in range(2):
-        params, opt_state, m = step(params, opt_state, placed)
-    jax.block_until_ready(m["loss"])
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        params, opt_state, m = step(params, opt_state, placed)
-        jax.block_until_ready(m["loss"])
-        times.append(time.perf_counter() - t)
-    dt = statistics.median(times)
-    flops = batch * seq * trainer.train_flops_per_token(cfg, "prm", seq)
-    peak = trainer.peak_flops_per_device(jax.devices()[0].device_kind)
-    return {"device": jax.devices()[0].device_kind, "devices": n, "step_s": dt, "tokens_per_s": batch * seq / dt,
-            "tflops_per_device": flops / dt / n / 1e12, "mfu": flops / dt / (n * peak) if peak else None}
-
-
 # -- driver ---------------------------------------------------------------------------------------
 
 def run_part(python: str, part: str, args, timeout: int = 900) -> dict:
@@ -315,24 +263,18 @@ def run_part(python: str, part: str, args, timeout: int = 900) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("jax", "torch", "trl", "mfu"))
+    ap.add_argument("--part", choices=("jax", "torch", "trl"))
     ap.add_argument("--work", default="/tmp/prm_bench_train")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per framework")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps (torch, trl)")
     ap.add_argument("--trl-python", default="/tmp/bench-trl/bin/python",
                     help="python of the venv that has trl==0.24.0")
-    ap.add_argument("--mfu-batch", type=int, default=8)
-    ap.add_argument("--mfu-seq", type=int, default=4096)
-    ap.add_argument("--mfu-preset", default="qwen2_5_1_5b", help="Qwen2Config preset for --part mfu")
     args = ap.parse_args()
 
     if args.part:
-        if args.part == "mfu":
-            res = part_mfu(args.steps, args.mfu_batch, args.mfu_seq, args.mfu_preset)
-        else:
-            res = {"jax": lambda: part_jax(args.work, args.steps),
-                   "torch": lambda: part_torch(args.work, args.steps, args.warmup),
-                   "trl": lambda: part_trl(args.work, args.steps, args.warmup)}[args.part]()
+        res = {"jax": lambda: part_jax(args.work, args.steps),
+               "torch": lambda: part_torch(args.work, args.steps, args.warmup),
+               "trl": lambda: part_trl(args.work, args.steps, args.warmup)}[args.part]()
         print("RESULT " + json.dumps(res))
         return
 
@@ -346,37 +288,35 @@ def main() -> None:
         res["trl"] = {"error": f"{args.trl_python} not found; create the venv: python -m venv --system-site-packages "
                                "/tmp/bench-trl && /tmp/bench-trl/bin/pip install trl==0.24.0 datasets"}
     j = res["jax"]
-    ours = j.get("tokens_per_s")
-    packed = (j.get("packed") or {}).get("tokens_per_s")
+    ours = {} if "error" in j else {"padded": j, "grouped": j["grouped"], "packed": j["packed"]}
+    labels = {"padded": "padded to x64", "grouped": "length-grouped, padded to x64", "packed": "packed 512-rows"}
     if "error" in j:
         print(f"  prm_jax could not run: {j['error']}")
-    else:
-        print(f"  {'prm_jax jit step, padded to x64 (fill ' + format(j['padded_fill'], '.0%') + ')':58s} "
-              f"{ours:7.0f} real tokens/s   peak RSS {j['peak_rss_mib']:6.0f} MiB   {j['tokens_per_row']:.0f} tokens/row")
-        print(f"  {'prm_jax jit step, packed 512-rows (fill ' + format(j['packed']['fill'], '.0%') + ')':58s} "
-              f"{packed:7.0f} real tokens/s   (same process)")
+    for v, r in ours.items():
+        extra = (f"peak RSS {j['peak_rss_mib']:6.0f} MiB   {j['tokens_per_row']:.0f} tokens/row" if v == "padded"
+                 else "(same process)")
+        print(f"  {'prm_jax jit step, ' + labels[v] + ' (fill ' + format(r['fill'], '.0%') + ')':58s} "
+              f"{r['tokens_per_s']:7.0f} real tokens/s   {extra}")
     names = {"torch": "torch loop (HF Qwen2ForTokenClassification + AdamW)", "trl": "TRL 0.24.0 PRMTrainer"}
     for k in ("torch", "trl"):
         r = res[k]
         if "error" in r:
             print(f"  {names[k]:58s} could not run: {r['error']}")
             continue
-        ratio = "" if not ours else (f"   padded/this = {ours / r['tokens_per_s']:.2f}x, "
-                                     f"packed/this = {packed / r['tokens_per_s']:.2f}x")
+        ratio = ", ".join(f"{v}/this = {o['tokens_per_s'] / r['tokens_per_s']:.2f}x" for v, o in ours.items())
         print(f"  {names[k]:58s} {r['tokens_per_s']:7.0f} real tokens/s   peak RSS {r['peak_rss_mib']:6.0f} MiB   "
-              f"{r['tokens_per_row']:.0f} tokens/row{ratio}")
+              f"{r['tokens_per_row']:.0f} tokens/row   {ratio}")
     for k, want in (("torch", 0.8), ("trl", 1.5)):
         if ours and "error" not in res[k]:
-            a, b = ours / res[k]["tokens_per_s"], packed / res[k]["tokens_per_s"]
-            print(f"  target >= {want}x {names[k].split(' (')[0]}: padded {'met' if a >= want else 'NOT met'} "
-                  f"({a:.2f}x), packed {'met' if b >= want else 'NOT met'} ({b:.2f}x)")
-    print("  GPU MFU (Qwen2-1.5B-shaped PRM, bf16): measured separately on an accelerator with "
-          "`JAX_PLATFORMS= python experiments/bench_train.py --part mfu` (prints RESULT json)")
-    per = {**{k: r["rates"] for k, r in res.items() if "rates" in r}}
-    if "packed" in j:
-        per["jax-packed"] = j["packed"]["rates"]
+            verdicts = []
+            for v, o in ours.items():
+                x = o["tokens_per_s"] / res[k]["tokens_per_s"]
+                verdicts.append(f"{v} {'met' if x >= want else 'NOT met'} ({x:.2f}x)")
+            print(f"  target >= {want}x {names[k].split(' (')[0]}: " + ", ".join(verdicts))
+    print("  GPU MFU (Qwen2-1.5B-shaped PRM, bf16): measured separately on a GPU with experiments/gpu_check.py")
+    per = {**{f"jax-{v}": o["rates"] for v, o in ours.items()}, **{k: r["rates"] for k, r in res.items()
+                                                                   if k != "jax" and "rates" in r}}
     print("  per-step real tokens/s: " + "; ".join(f"{k} " + ", ".join(f"{x:.0f}" for x in v) for k, v in per.items()))
-
 
 if __name__ == "__main__":
     main()

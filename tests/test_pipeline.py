@@ -127,10 +127,10 @@ def _take(it, k):
     return [next(it) for _ in range(k)]
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_shuffle_is_seeded_and_iterator_state_resumes_exactly(pack):
+@pytest.mark.parametrize("pack,group", [(False, 0), (True, 0), (False, 2)])
+def test_shuffle_is_seeded_and_iterator_state_resumes_exactly(pack, group):
     exs = _examples(23)
-    kw = dict(batch_rows=4, pad_id=0, max_length=64, pack=pack)
+    kw = dict(batch_rows=4, pad_id=0, max_length=64, pack=pack, group_by_length=group)
     run = _take(iter(pl.train_dataset(exs, seed=7, **kw)), 12)  # > 1 epoch: the reshuffle is covered too
     again = _take(iter(pl.train_dataset(exs, seed=7, **kw)), 12)
     other = _take(iter(pl.train_dataset(exs, seed=8, **kw)), 12)
@@ -160,6 +160,28 @@ def test_unpacked_batches_pad_to_buckets_and_cover_each_epoch_once():
             seen.append(int(row[0]) // 1000)
             assert (row[n:] == 0).all()
     assert sorted(seen) == list(range(24))
+
+
+def test_length_grouping_batches_similar_lengths_within_each_window():
+    """48 examples, 4 rows a batch, windows of 3 batches: each window's 12 examples, sorted by length
+    and cut in fours, must be exactly its 3 batches (in some order); every epoch covers each example
+    once; and there is less padding than with the plain shuffle."""
+    exs = _examples(48)
+    length = {i: len(e["input_ids"]) for i, e in enumerate(exs)}
+    kw = dict(batch_rows=4, seed=3, pad_id=0, max_length=64, pack=False, buckets=tuple(range(4, 65, 4)))
+    grouped = _take(iter(pl.train_dataset(exs, group_by_length=3, **kw)), 24)  # two epochs
+    plain = _take(iter(pl.train_dataset(exs, **kw)), 24)
+    ids = [[int(r[0]) // 1000 for r in b["input_ids"]] for b in grouped]
+    for epoch in (ids[:12], ids[12:]):
+        assert sorted(i for b in epoch for i in b) == list(range(48))
+        for w in range(0, 12, 3):
+            window = [i for b in epoch[w:w + 3] for i in b]
+            by_length = sorted(length[i] for i in window)
+            want = sorted(by_length[k:k + 4] for k in range(0, 12, 4))
+            assert sorted(sorted(length[i] for i in b) for b in epoch[w:w + 3]) == want
+    assert ids[:12] != ids[12:]  # each epoch reshuffled
+    fill = lambda bs: np.mean([(b["segment_ids"] > 0).mean() for b in bs])  # noqa: E731
+    assert fill(grouped) > fill(plain) + 0.1
 
 
 def test_packing_keeps_examples_whole_with_restarting_positions():

@@ -22,6 +22,7 @@ hands each device only its own rows.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -292,16 +293,49 @@ def _from_packed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             "segment_ids": seg, "positions": np.where(seg > 0, batch["input_ids_positions"], 0).astype(np.int32)}
 
 
+def length_grouped_order(lengths: np.ndarray, seed: int, epoch: int, batch_rows: int, window: int) -> np.ndarray:
+    """One epoch's order of the examples: a seeded shuffle cut into windows of `window` batches; in
+    each window the examples are sorted by length, cut into batches, and the batches shuffled. A
+    batch then holds rows of similar length (little padding) while the order stays random beyond
+    the window (HF Trainer's group_by_length makes the same trade)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    span = batch_rows * window
+    out = []
+    for start in range(0, len(order), span):
+        chunk = order[start:start + span]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches = [chunk[i:i + batch_rows] for i in range(0, len(chunk), batch_rows)]
+        out.extend(batches[j] for j in rng.permutation(len(batches)))
+    return np.concatenate(out)
+
+
+def _length_grouped(examples: list[dict[str, np.ndarray]], seed: int, batch_rows: int,
+                    window: int) -> grain.MapDataset:
+    """Endless MapDataset: index i is example length_grouped_order(epoch = i // n)[i % n]."""
+    n, lengths = len(examples), np.array([len(e["input_ids"]) for e in examples])
+    order = functools.lru_cache(maxsize=2)(
+        lambda epoch: length_grouped_order(lengths, seed, epoch, batch_rows, window))
+    return grain.MapDataset.range(n).repeat(None).map_with_index(lambda i, _: examples[order(i // n)[i % n]])
+
+
 def train_dataset(examples: list[dict[str, np.ndarray]], *, batch_rows: int, seed: int, pad_id: int,
                   max_length: int, pack: bool, buckets: Sequence[int] | None = None,
-                  num_threads: int = 2) -> grain.IterDataset:
+                  group_by_length: int = 0, num_threads: int = 2) -> grain.IterDataset:
     """An endless grain dataset of host batches [batch_rows, T].
 
     The order is a seeded global shuffle, reshuffled every epoch (deterministic). Unpacked: rows
-    are padded to the smallest bucket that fits the batch. Packed: examples are first-fit packed
-    into rows of exactly max_length. `iter(ds)` gives a DatasetIterator whose get_state/set_state
-    checkpoint the position."""
-    ds = grain.MapDataset.source(examples).shuffle(seed=seed).repeat(None)
+    are padded to the smallest bucket that fits the batch; with group_by_length=W > 0 each window
+    of W batches is ordered by length first (length_grouped_order). Packed: examples are first-fit
+    packed into rows of exactly max_length. `iter(ds)` gives a DatasetIterator whose
+    get_state/set_state checkpoint the position."""
+    if group_by_length and pack:
+        raise ValueError("data.group_by_length applies to padded batches; packed rows are full already "
+                         "(set data.pack=false or data.group_by_length=0)")
+    if group_by_length:
+        ds = _length_grouped(examples, seed, batch_rows, group_by_length)
+    else:
+        ds = grain.MapDataset.source(examples).shuffle(seed=seed).repeat(None)
     if not pack:
         buckets = tuple(buckets or default_buckets(max_length))
         ds = ds.batch(batch_rows, drop_remainder=True,

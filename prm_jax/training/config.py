@@ -4,7 +4,7 @@
 YAML layout (every key optional; unknown keys are errors):
 
     model: {preset, overrides, tokenizer, dtype, param_dtype, remat, remat_saves, attention_impl}
-    data:  {max_length, batch_size, pack, buckets, step_token, system_prompt}
+    data:  {max_length, batch_size, pack, buckets, group_by_length, step_token, system_prompt}
     optim: {lr, warmup_steps, min_lr_ratio, weight_decay, b1, b2, eps, clip_norm, accum_steps}
     run:   {steps, seed, mesh, log_every, eval_every, eval_batch_size, save_every, keep, peak_flops, export_hf}
 """
@@ -37,7 +37,8 @@ class DataConfig:
     max_length: int = 2048
     batch_size: int = 8  # sequences (rows) per optimizer step, all accumulation micro-batches together
     pack: bool = False  # first-fit packing with segment ids instead of padding to buckets
-    buckets: tuple[int, ...] = ()  # padded lengths; () = max_length/4, /2, /1
+    buckets: tuple[int, ...] = ()  # padded lengths; () = pipeline.default_buckets(max_length)
+    group_by_length: int = 0  # W > 0: batch rows of similar length within each window of W batches (less padding)
     step_token: str = DEFAULT_STEP_TOKEN
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
 

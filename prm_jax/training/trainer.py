@@ -399,7 +399,7 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
         log.info("class weights (wrong, right): %.3f, %.3f", *class_weights)
     dataset = pl.train_dataset(train_set.examples, batch_rows=dcfg.batch_size, seed=run.seed,
                                pad_id=tokenizer.pad_token_id, max_length=dcfg.max_length, pack=dcfg.pack,
-                               buckets=dcfg.buckets)
+                               buckets=dcfg.buckets, group_by_length=dcfg.group_by_length)
     data_iter = iter(dataset)
 
     # -- state, step functions ------------------------------------------------------------------
