@@ -89,3 +89,19 @@ def test_remat_keeping_matmuls_gives_the_same_gradients():
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_attention_picks_cudnn_only_on_nvidia_gpus_in_half_precision(monkeypatch):
+    import jax
+
+    class FakeDevice:
+        device_kind = "NVIDIA H100 80GB HBM3"
+
+    assert not Qwen2Config.tiny(attention_impl="auto", dtype="bfloat16").flash  # this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *a: [FakeDevice()])
+    assert Qwen2Config.tiny(attention_impl="auto", dtype="bfloat16").flash
+    assert not Qwen2Config.tiny(attention_impl="auto", dtype="float32").flash  # cuDNN flash needs bf16/fp16
+    assert Qwen2Config.tiny(attention_impl="cudnn", dtype="float32").flash  # explicit choice stands
+    FakeDevice.device_kind = "AMD Instinct MI300X"
+    assert not Qwen2Config.tiny(attention_impl="auto", dtype="bfloat16").flash

@@ -43,15 +43,24 @@ class Qwen2Config:
     remat: bool = False  # recompute each layer's activations in the backward pass
     remat_saves: str = "nothing"  # under remat, what the forward keeps: "nothing" beyond each layer's input,
     # or "matmuls" (every projection's and attention's output; only elementwise work is recomputed)
-    attention_impl: str = "xla"  # full-sequence attention: "xla" (any backend) or "cudnn" (flash, NVIDIA GPUs)
+    attention_impl: str = "xla"  # full-sequence attention: "xla" (any backend), "cudnn" (flash attention on
+    # NVIDIA GPUs, bf16/fp16 compute) or "auto" (cudnn where it applies, else xla)
 
     def __post_init__(self):
-        if self.attention_impl not in ("xla", "cudnn"):
-            raise ValueError(f"attention_impl={self.attention_impl!r}: expected 'xla' or 'cudnn'")
+        if self.attention_impl not in ("xla", "cudnn", "auto"):
+            raise ValueError(f"attention_impl={self.attention_impl!r}: expected 'xla', 'cudnn' or 'auto'")
         if self.remat_saves not in REMAT_POLICIES:
             raise ValueError(f"remat_saves={self.remat_saves!r}: expected one of {sorted(REMAT_POLICIES)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+
+    @property
+    def flash(self) -> bool:
+        """Whether full-sequence attention runs cuDNN flash attention (read when the model is traced)."""
+        if self.attention_impl == "auto":
+            return (jax.default_backend() == "gpu" and "nvidia" in jax.devices()[0].device_kind.lower()
+                    and jnp.dtype(self.dtype) in (jnp.bfloat16, jnp.float16))
+        return self.attention_impl == "cudnn"
 
     @property
     def head_size(self) -> int:
@@ -282,7 +291,7 @@ class Attention(nnx.Module):
         if cache is not None:
             k, v = cache = _write_cache(cache, k, v, positions[:, 0])
             out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-        elif self.cfg.attention_impl == "cudnn":
+        elif self.cfg.flash:
             out = flash_attention(q, k, v, mask)
         else:  # no cache: full causal forward, k/v to the kv-head-major layout
             out = causal_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
@@ -367,7 +376,7 @@ class Qwen2Model(nnx.Module):
             attention_mask = jnp.asarray(attention_mask)
         if positions is None:
             positions = default_positions(input_ids, segment_ids)
-        if self.cfg.attention_impl == "cudnn":  # causality is the kernel's own; the rest goes in as a bias
+        if self.cfg.flash:  # causality is the kernel's own; the rest goes in as a bias
             plain = attention_mask is None and segment_ids is None
             mask = None if plain else full_mask(attention_mask, segment_ids, b, t, causal=False)
         else:
