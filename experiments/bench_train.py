@@ -14,7 +14,9 @@ its own process so its peak memory (max RSS) is its own.
 - trl:   trl.PRMTrainer (trl==0.24.0, installed only in its own venv, e.g.
          python -m venv --system-site-packages /tmp/bench-trl && /tmp/bench-trl/bin/pip install trl==0.24.0 datasets)
          on the same records in TRL's stepwise format; it tokenises them itself (no chat template, so
-         its rows are somewhat shorter: throughput is compared per real token).
+         its rows are somewhat shorter: throughput is compared per real token). In float32 like the
+         others (bf16=False: PRMConfig's default is bf16 autocast, which on a CPU with AMX runs
+         oneDNN's bf16 matmuls); that default is timed too and printed on its own line.
 
 Throughput = real (non-padding) tokens / step wall time, median over the timed steps (compilation
 and warm-up steps excluded). MFU on a GPU: experiments/gpu_check.py.
@@ -204,7 +206,7 @@ def part_torch(work: str, steps: int, warmup: int) -> dict:
             "tokens_per_row": float(np.mean([len(e["input_ids"]) for g in groups[warmup:] for e in g]))}
 
 
-def part_trl(work: str, steps: int, warmup: int) -> dict:
+def part_trl(work: str, steps: int, warmup: int, bf16: bool = False) -> dict:
     import datasets
     import torch
     import trl
@@ -237,7 +239,7 @@ def part_trl(work: str, steps: int, warmup: int) -> dict:
                          max_steps=steps + warmup, learning_rate=LR, weight_decay=0.0, max_grad_norm=1.0,
                          lr_scheduler_type="constant", max_length=MAX_LEN, step_separator="\n",
                          train_on_last_step_only=False, report_to=[], save_strategy="no", logging_steps=1000,
-                         use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True)
+                         use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True, bf16=bf16)
     trainer = CountingPRMTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                                  callbacks=[Timer()])
     trainer.train()
@@ -263,7 +265,7 @@ def run_part(python: str, part: str, args, timeout: int = 900) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("jax", "torch", "trl"))
+    ap.add_argument("--part", choices=("jax", "torch", "trl", "trl-bf16"))
     ap.add_argument("--work", default="/tmp/prm_bench_train")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per framework")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps (torch, trl)")
@@ -274,7 +276,8 @@ def main() -> None:
     if args.part:
         res = {"jax": lambda: part_jax(args.work, args.steps),
                "torch": lambda: part_torch(args.work, args.steps, args.warmup),
-               "trl": lambda: part_trl(args.work, args.steps, args.warmup)}[args.part]()
+               "trl": lambda: part_trl(args.work, args.steps, args.warmup),
+               "trl-bf16": lambda: part_trl(args.work, args.steps, args.warmup, bf16=True)}[args.part]()
         print("RESULT " + json.dumps(res))
         return
 
@@ -284,8 +287,9 @@ def main() -> None:
     res = {"jax": run_part(sys.executable, "jax", args), "torch": run_part(sys.executable, "torch", args)}
     if os.path.exists(args.trl_python):
         res["trl"] = run_part(args.trl_python, "trl", args)
+        res["trl-bf16"] = run_part(args.trl_python, "trl-bf16", args)
     else:
-        res["trl"] = {"error": f"{args.trl_python} not found; create the venv: python -m venv --system-site-packages "
+        res["trl"] = res["trl-bf16"] = {"error": f"{args.trl_python} not found; create the venv: python -m venv --system-site-packages "
                                "/tmp/bench-trl && /tmp/bench-trl/bin/pip install trl==0.24.0 datasets"}
     j = res["jax"]
     ours = {} if "error" in j else {"padded": j, "grouped": j["grouped"], "packed": j["packed"]}
@@ -297,8 +301,9 @@ def main() -> None:
                  else "(same process)")
         print(f"  {'prm_jax jit step, ' + labels[v] + ' (fill ' + format(r['fill'], '.0%') + ')':58s} "
               f"{r['tokens_per_s']:7.0f} real tokens/s   {extra}")
-    names = {"torch": "torch loop (HF Qwen2ForTokenClassification + AdamW)", "trl": "TRL 0.24.0 PRMTrainer"}
-    for k in ("torch", "trl"):
+    names = {"torch": "torch loop (HF Qwen2ForTokenClassification + AdamW)", "trl": "TRL 0.24.0 PRMTrainer",
+             "trl-bf16": "TRL 0.24.0 PRMTrainer, its default bf16 autocast"}
+    for k in ("torch", "trl", "trl-bf16"):
         r = res[k]
         if "error" in r:
             print(f"  {names[k]:58s} could not run: {r['error']}")
