@@ -143,10 +143,8 @@ def part_jax(work: str, steps: int) -> dict:
     # The same records first-fit packed into full 512-token rows with segment ids (our pipeline's
     # packing; attention stays within each example), one shape.
     import grain
-    it = grain.experimental.FirstFitPackIterDataset(
-        grain.MapDataset.source(pool).to_iter_dataset(),
-        length_struct={"input_ids": MAX_LEN, "labels": MAX_LEN}, num_packing_bins=BATCH, shuffle_bins=False,
-        padding_struct={"input_ids": pad, "labels": pl.IGNORE}).batch(BATCH).map(pl._from_packed)
+    it = pl.packed_batches(grain.MapDataset.source(pool).to_iter_dataset(), batch_rows=BATCH, max_length=MAX_LEN,
+                           pad_id=pad, drop_remainder=False)
     def fill_rows(b):  # the packer's last group can have fewer rows: add empty ones
         n = BATCH - b["input_ids"].shape[0]
         pad_to = {"input_ids": pad, "labels": pl.IGNORE, "segment_ids": 0, "positions": 0}
