@@ -287,8 +287,9 @@ def main() -> None:
         res["trl"] = run_part(args.trl_python, "trl", args)
         res["trl-bf16"] = run_part(args.trl_python, "trl-bf16", args)
     else:
-        res["trl"] = res["trl-bf16"] = {"error": f"{args.trl_python} not found; create the venv: python -m venv --system-site-packages "
-                               "/tmp/bench-trl && /tmp/bench-trl/bin/pip install trl==0.24.0 datasets"}
+        res["trl"] = res["trl-bf16"] = {
+            "error": f"{args.trl_python} not found; create the venv: python -m venv --system-site-packages "
+                     "/tmp/bench-trl && /tmp/bench-trl/bin/pip install trl==0.24.0 datasets"}
     j = res["jax"]
     ours = {} if "error" in j else {"padded": j, "grouped": j["grouped"], "packed": j["packed"]}
     labels = {"padded": "padded to x64", "grouped": "length-grouped, padded to x64", "packed": "packed 512-rows"}

@@ -29,7 +29,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: bool = False  # recompute each layer's activations in the backward pass
     remat_saves: str = "nothing"  # under remat: "nothing" (layer inputs only) or "matmuls" (recompute elementwise only)
-    attention_impl: str = "auto"  # cuDNN flash attention on NVIDIA GPUs with bf16/fp16 compute, else XLA's ("xla" | "cudnn")
+    attention_impl: str = "auto"  # cuDNN flash attention on NVIDIA GPUs in bf16/fp16, else XLA's; or "xla" | "cudnn"
 
 
 @dataclasses.dataclass(frozen=True)
