@@ -8,7 +8,8 @@ its own process so its peak memory (max RSS) is its own.
 
 - jax:   prm_jax.training.trainer.make_train_step on one CPU device; batches from our pipeline
          (chat template + step token ids), each batch padded to the next multiple of 64 (one
-         compilation per length; the compilations and one warm-up step per length are not timed).
+         compilation per length; the compilations and one warm-up step per length are not timed);
+         logits read at the step tokens alone, as the trainer does (pipeline.with_score_positions).
 - torch: transformers Qwen2ForTokenClassification(num_labels=2) + torch.optim.AdamW, the very same
          token ids and labels, each batch padded to its longest row (the HF collator's choice).
 - trl:   trl.PRMTrainer (trl==0.24.0, installed only in its own venv, e.g.
@@ -113,20 +114,21 @@ def part_jax(work: str, steps: int) -> dict:
     compiled = {}
 
     def timed(batches):
-        """Real tokens/s of each batch. Every new padded length is compiled ahead and run once
-        untimed (like torch's and TRL's warm-up steps)."""
+        """Real tokens/s of each batch, read at its step tokens as the trainer does. Every new shape
+        is compiled ahead and run once untimed (like torch's and TRL's warm-up steps)."""
         nonlocal params, opt_state
+        batches = [pl.with_score_positions(b) for b in batches]
+        shape = lambda b: (b["input_ids"].shape[1], b["score_positions"].shape[1])  # noqa: E731
         for b in batches:
-            width = b["input_ids"].shape[1]
-            if width not in compiled:
-                compiled[width] = step.lower(params, opt_state, pl.place_batch(b, mesh)).compile()
-                params, opt_state, m = compiled[width](params, opt_state, pl.place_batch(b, mesh))
+            if shape(b) not in compiled:
+                compiled[shape(b)] = step.lower(params, opt_state, pl.place_batch(b, mesh)).compile()
+                params, opt_state, m = compiled[shape(b)](params, opt_state, pl.place_batch(b, mesh))
                 jax.block_until_ready(m["loss"])
         rates = []
         for b in batches:
             real = int((b["segment_ids"] > 0).sum())
             t = time.perf_counter()
-            params, opt_state, m = compiled[b["input_ids"].shape[1]](params, opt_state, pl.place_batch(b, mesh))
+            params, opt_state, m = compiled[shape(b)](params, opt_state, pl.place_batch(b, mesh))
             float(m["loss"])  # waits for the step
             rates.append(real / (time.perf_counter() - t))
         fill = float(np.mean([(b["segment_ids"] > 0).mean() for b in batches]))

@@ -76,7 +76,7 @@ def train_mfu(variant: str, seq: int, preset: str, steps: int = 6) -> None:
     labels[:, :, 63::64] = rng.integers(0, 2, labels[:, :, 63::64].shape)  # a step token every 64 tokens
     b = {"input_ids": ids, "labels": labels, "segment_ids": np.ones_like(ids),
          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy()}
-    b = jax.device_put(b, T.batch_shardings(mesh)["input_ids"])
+    b = jax.device_put(b, T.batch_sharding(mesh))
     t0 = time.perf_counter()
     params, opt_state, m = step(params, opt_state, b)
     jax.block_until_ready(m)

@@ -214,3 +214,14 @@ def test_place_batch_splits_micro_batches_over_data_axes():
     np.testing.assert_array_equal(np.asarray(x).reshape(8, 32), b["input_ids"])
     with pytest.raises(ValueError, match="data\\*fsdp=4"):
         pl.place_batch(pl.pad_examples(_examples(6), (32,), 0), mesh, accum_steps=1)
+
+
+def test_score_positions_list_each_rows_labelled_tokens():
+    labels = np.full((2, 10), -100, np.int32)
+    labels[0, [2, 5, 9]] = [1, 0, 1]
+    labels[1, [4]] = [1]
+    out = pl.with_score_positions({"labels": labels})
+    assert out["score_positions"].tolist() == [[2, 5, 9, 0, 0, 0, 0, 0], [4, 0, 0, 0, 0, 0, 0, 0]]
+    assert out["score_labels"].tolist() == [[1, 0, 1] + [-100] * 5, [1] + [-100] * 7]
+    many = np.zeros((1, 40), np.int32)  # 40 labelled tokens -> the next power of two
+    assert pl.with_score_positions({"labels": many})["score_positions"].shape == (1, 64)

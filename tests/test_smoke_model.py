@@ -105,3 +105,28 @@ def test_auto_attention_picks_cudnn_only_on_nvidia_gpus_in_half_precision(monkey
     assert Qwen2Config.tiny(attention_impl="cudnn", dtype="float32").flash  # explicit choice stands
     FakeDevice.device_kind = "AMD Instinct MI300X"
     assert not Qwen2Config.tiny(attention_impl="auto", dtype="bfloat16").flash
+
+
+def test_prm_logits_and_gradients_at_score_positions_equal_the_full_forward():
+    """Reading the PRM only at score positions (its last layer then runs queries and MLP there alone)
+    must give the full forward's logits at those positions, and the same gradients for a loss on them."""
+    import jax
+
+    from prm_jax.models.prm import Qwen2PRM
+
+    ids = jnp.asarray(np.random.RandomState(2).randint(0, 50, (2, 12)))
+    seg = jnp.asarray([[1] * 5 + [2] * 5 + [0] * 2, [1] * 12])
+    idx = jnp.asarray([[0, 4, 7, 9], [3, 5, 11, 0]])
+    for kw in ({}, {"remat": True}):
+        graphdef, params = nnx.split(Qwen2PRM(Qwen2Config.tiny(vocab_size=50, **kw), nnx.Rngs(0)))
+
+        def full(p):
+            return jnp.take_along_axis(nnx.merge(graphdef, p)(ids, segment_ids=seg), idx[..., None], axis=1)
+
+        def pruned(p):
+            return nnx.merge(graphdef, p)(ids, segment_ids=seg, score_positions=idx)
+
+        np.testing.assert_allclose(pruned(params), full(params), atol=1e-6)
+        g_full, g_pruned = (jax.grad(lambda p, f=f: jnp.sum(jnp.sin(f(p))))(params) for f in (full, pruned))
+        for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_pruned)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -366,6 +366,20 @@ def eval_batches(examples: list[dict[str, np.ndarray]], *, batch_rows: int, pad_
     return iter(ds)
 
 
+def with_score_positions(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Adds, per row, the positions of its labelled tokens (`score_positions` [N, K]) and their labels
+    (`score_labels`, IGNORE in the unused slots, which point at position 0), K a power of two >= 8
+    so that few shapes compile. A PRM step reads logits only there (Qwen2PRM score_positions)."""
+    labelled = batch["labels"] != IGNORE
+    k = max(8, 1 << (int(labelled.sum(1).max()) - 1).bit_length())
+    pos = np.zeros((labelled.shape[0], k), np.int32)
+    lab = np.full((labelled.shape[0], k), IGNORE, batch["labels"].dtype)
+    for r, row in enumerate(labelled):
+        at = np.flatnonzero(row)
+        pos[r, :len(at)], lab[r, :len(at)] = at, batch["labels"][r, at]
+    return {**batch, "score_positions": pos, "score_labels": lab}
+
+
 # -- device placement ---------------------------------------------------------------------------
 
 def place_batch(batch: dict[str, np.ndarray], mesh, accum_steps: int = 1) -> dict[str, Any]:

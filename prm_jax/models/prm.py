@@ -30,9 +30,11 @@ class Qwen2PRM(nnx.Module):
         self.score = ScoreHead(cfg, rngs)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, *, positions: Array | None = None,
-                 segment_ids: Array | None = None) -> Array:
-        """Class logits [B, T, 2] in f32 at every position."""
-        hidden = self.model(input_ids, attention_mask, positions=positions, segment_ids=segment_ids)
+                 segment_ids: Array | None = None, score_positions: Array | None = None) -> Array:
+        """Class logits in f32: [B, T, 2] at every position, or [B, K, 2] at score_positions [B, K]
+        alone (the same values; the last layer's queries and MLP then run at K positions only)."""
+        hidden = self.model(input_ids, attention_mask, positions=positions, segment_ids=segment_ids,
+                            only=score_positions)
         return self.score(hidden).astype(jnp.float32)
 
 

@@ -297,6 +297,28 @@ class Attention(nnx.Module):
             out = causal_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
         return self.o_proj(out.reshape(*x.shape[:2], -1)), cache
 
+    def attend_at(self, h: Array, positions: Array, mask: Array | None, idx: Array) -> Array:
+        """The attention output at positions idx [B,K] alone: keys and values from every token,
+        queries only at idx. `mask` is the model's (None or non-causal for flash attention);
+        causality is applied here from idx."""
+        cfg = self.cfg
+        b, t, _ = h.shape
+        cos, sin = rope_cos_sin(positions, cfg.head_size, cfg.rope_theta)
+        k = apply_rope(self.k_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_size), cos, sin)
+        v = self.v_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_size)
+        cq, sq = rope_cos_sin(rows(positions, idx), cfg.head_size, cfg.rope_theta)
+        q = apply_rope(self.q_proj(rows(h, idx)).reshape(b, idx.shape[1], cfg.num_heads, cfg.head_size), cq, sq)
+        seen = jnp.arange(t)[None, None, :] <= idx[:, :, None]
+        if mask is not None:
+            seen = seen & rows(mask, idx)
+        out = attention(q, k.transpose(0, 2, 1, 3).astype(q.dtype), v.transpose(0, 2, 1, 3).astype(q.dtype), seen)
+        return self.o_proj(out.reshape(b, idx.shape[1], -1))
+
+
+def rows(a: Array, idx: Array) -> Array:
+    """a [B, T, ...] at positions idx [B, K] -> [B, K, ...]."""
+    return jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
+
 
 def _write_cache(cache: tuple[Array, Array], k: Array, v: Array, start: Array) -> tuple[Array, Array]:
     """Write k/v [B,T,K,D] into cache slots start[b] .. start[b]+T-1 of each row (cache [B,K,S,D])."""
@@ -329,6 +351,12 @@ class DecoderLayer(nnx.Module):
         h, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+    def at(self, x, positions, mask, idx):
+        """The layer's output at positions idx [B,K] only (what a model read at K positions needs of
+        its last layer): [B,K,H]."""
+        x_k = rows(x, idx) + self.self_attn.attend_at(self.input_layernorm(x), positions, mask, idx)
+        return x_k + self.mlp(self.post_attention_layernorm(x_k))
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -369,7 +397,9 @@ class Qwen2Model(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, *, positions: Array | None = None,
-                 segment_ids: Array | None = None) -> Array:
+                 segment_ids: Array | None = None, only: Array | None = None) -> Array:
+        """Final hidden states [B,T,H]; with `only` [B,K] positions, [B,K,H] at those alone (the last
+        layer then runs its queries and MLP at K positions instead of T)."""
         input_ids = jnp.asarray(input_ids)
         b, t = input_ids.shape
         if attention_mask is not None:
@@ -382,12 +412,15 @@ class Qwen2Model(nnx.Module):
         else:
             mask = full_mask(attention_mask, segment_ids, b, t)
         x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            if self.cfg.remat:
-                x, _ = nnx.remat(lambda lyr, x_: lyr(x_, positions, mask),
-                                   policy=REMAT_POLICIES[self.cfg.remat_saves])(layer, x)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            if only is not None and i == last:
+                run = lambda lyr, x_: lyr.at(x_, positions, mask, only)  # noqa: E731
             else:
-                x, _ = layer(x, positions, mask)
+                run = lambda lyr, x_: lyr(x_, positions, mask)[0]  # noqa: E731
+            if self.cfg.remat:
+                run = nnx.remat(run, policy=REMAT_POLICIES[self.cfg.remat_saves])
+            x = run(layer, x)
         return self.norm(x)
 
     def forward_cached(self, input_ids: Array, positions: Array, cache: KVCache) -> tuple[Array, KVCache]:

@@ -138,17 +138,21 @@ def opt_state_shardings(tx, params_abstract, param_shardings, mesh) -> Any:
 
 # -- steps --------------------------------------------------------------------------------------
 
-def batch_shardings(mesh) -> dict[str, NamedSharding]:
-    s = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
-    return {k: s for k in ("input_ids", "labels", "segment_ids", "positions")}
+def batch_sharding(mesh) -> NamedSharding:
+    """Every batch array is [accum, micro, length]: micro-batch rows over the data axes."""
+    return NamedSharding(mesh, P(None, ("data", "fsdp"), None))
 
 
 def _forward_loss(graphdef, loss_fn, params, mb, packed: bool = True):
     """Unpacked rows (one right-padded sequence each) need no segment mask: a real token never sees a
-    later pad, and pads carry no label. Leaving it out lets flash attention skip its [T, T] bias."""
+    later pad, and pads carry no label. Leaving it out lets flash attention skip its [T, T] bias.
+    A PRM batch with `score_positions` (pipeline.with_score_positions) gets logits there alone."""
     model = nnx.merge(graphdef, params)
-    logits = model(mb["input_ids"], positions=mb["positions"], segment_ids=mb["segment_ids"] if packed else None)
-    return loss_fn(logits, mb["labels"])
+    kw = {"segment_ids": mb["segment_ids"] if packed else None}
+    if "score_positions" in mb:
+        logits = model(mb["input_ids"], positions=mb["positions"], score_positions=mb["score_positions"], **kw)
+        return loss_fn(logits, mb["score_labels"])
+    return loss_fn(model(mb["input_ids"], positions=mb["positions"], **kw), mb["labels"])
 
 
 def make_train_step(graphdef, objective: str, tx, mesh, param_shardings, opt_shardings,
@@ -195,7 +199,7 @@ def make_train_step(graphdef, objective: str, tx, mesh, param_shardings, opt_sha
         return keep(new_params, params), keep(new_opt, opt_state), metrics
 
     rep = NamedSharding(mesh, P())
-    return jax.jit(step, in_shardings=(param_shardings, opt_shardings, batch_shardings(mesh)),
+    return jax.jit(step, in_shardings=(param_shardings, opt_shardings, batch_sharding(mesh)),
                    out_shardings=(param_shardings, opt_shardings, rep), donate_argnums=(0, 1))
 
 
@@ -209,7 +213,7 @@ def make_eval_step(graphdef, objective: str, mesh, param_shardings, packed: bool
         (l, n, c), _ = jax.lax.scan(micro, (jnp.float32(0), jnp.int32(0), jnp.int32(0)), batch)
         return l, n, c
 
-    return jax.jit(step, in_shardings=(param_shardings, batch_shardings(mesh)), out_shardings=NamedSharding(mesh, P()))
+    return jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=NamedSharding(mesh, P()))
 
 
 # -- FLOPs and MFU ------------------------------------------------------------------------------
@@ -245,7 +249,9 @@ def train_flops_per_token(cfg: Qwen2Config, arch: str, seq_len: int) -> float:
         6 * N  +  12 * L * H * D * T
     N = matmul parameters (`matmul_params`), L layers, H query heads of size D, T the row length
     (attention scores and the weighted sum, 2 matmuls x 2 FLOPs x 3 for fwd+bwd, without the
-    causal half). Recomputation under remat is not counted (this is MFU, not HFU)."""
+    causal half). Recomputation under remat is not counted (this is MFU, not HFU); nor is the PRM
+    step's saving of running its last layer's queries and MLP at step tokens alone (~1/L of the
+    work), so a PRM run's figure is that much above the work actually done."""
     return 6.0 * matmul_params(cfg, arch) + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_size * seq_len
 
 
@@ -306,10 +312,12 @@ def _load_tokenizer(path: str):
 
 
 def evaluate(eval_step, params, encoded: pl.EncodedSet, rows: int, pad_id: int, max_length: int,
-             buckets, mesh) -> dict[str, float]:
+             buckets, mesh, arch: str) -> dict[str, float]:
     lsum, n, c = 0.0, 0, 0
     for batch in pl.eval_batches(encoded.examples, batch_rows=rows, pad_id=pad_id, max_length=max_length,
                                  buckets=buckets):
+        if arch == "prm":
+            batch = pl.with_score_positions(batch)
         l_, n_, c_ = jax.device_get(eval_step(params, pl.place_batch(batch, mesh)))
         lsum, n, c = lsum + float(l_), n + int(n_), c + int(c_)
     return {"eval_loss": lsum / max(n, 1), "eval_step_accuracy": c / max(n, 1), "eval_labels": n}
@@ -460,7 +468,7 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
     def eval_row(step: int) -> dict[str, Any]:
         row = {"step": step, "split": "eval",
                **evaluate(eval_step, params, eval_set, eval_rows, tokenizer.pad_token_id, dcfg.max_length,
-                          dcfg.buckets, mesh)}
+                          dcfg.buckets, mesh, arch)}
         if primary:
             _append(metrics_path, row)
         return row
@@ -492,6 +500,8 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
         while step < run.steps:
             host_batch = next(data_iter)
             data_state = data_iter.get_state()
+            if arch == "prm":  # logits only at the labelled step tokens
+                host_batch = pl.with_score_positions(host_batch)
             real = int((host_batch["segment_ids"] > 0).sum())
             padded = int(host_batch["segment_ids"].size)
             batch = pl.place_batch(host_batch, mesh, accum)
