@@ -276,18 +276,22 @@ class Attention(nnx.Module):
         self.v_proj = Dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=True, cfg=cfg, rngs=rngs)
         self.o_proj = Dense(cfg.num_heads * hd, d, ("heads", "embed"), bias=False, cfg=cfg, rngs=rngs)
 
-    def qkv(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+    def queries(self, x: Array, positions: Array) -> Array:
+        """[B,T,heads,D], rotated."""
         cfg = self.cfg
-        b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_size)
-        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_size)
-        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_size)
         cos, sin = rope_cos_sin(positions, cfg.head_size, cfg.rope_theta)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return apply_rope(self.q_proj(x).reshape(*x.shape[:2], cfg.num_heads, cfg.head_size), cos, sin)
+
+    def keys_values(self, x: Array, positions: Array) -> tuple[Array, Array]:
+        """k (rotated) and v, each [B,T,kv_heads,D]."""
+        cfg = self.cfg
+        shape = (*x.shape[:2], cfg.num_kv_heads, cfg.head_size)
+        cos, sin = rope_cos_sin(positions, cfg.head_size, cfg.rope_theta)
+        return apply_rope(self.k_proj(x).reshape(shape), cos, sin), self.v_proj(x).reshape(shape)
 
     def __call__(self, x: Array, positions: Array, mask: Array,
                  cache: tuple[Array, Array] | None = None) -> tuple[Array, tuple[Array, Array] | None]:
-        q, k, v = self.qkv(x, positions)
+        q, (k, v) = self.queries(x, positions), self.keys_values(x, positions)
         if cache is not None:
             k, v = cache = _write_cache(cache, k, v, positions[:, 0])
             out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
@@ -301,18 +305,13 @@ class Attention(nnx.Module):
         """The attention output at positions idx [B,K] alone: keys and values from every token,
         queries only at idx. `mask` is the model's (None or non-causal for flash attention);
         causality is applied here from idx."""
-        cfg = self.cfg
-        b, t, _ = h.shape
-        cos, sin = rope_cos_sin(positions, cfg.head_size, cfg.rope_theta)
-        k = apply_rope(self.k_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_size), cos, sin)
-        v = self.v_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_size)
-        cq, sq = rope_cos_sin(rows(positions, idx), cfg.head_size, cfg.rope_theta)
-        q = apply_rope(self.q_proj(rows(h, idx)).reshape(b, idx.shape[1], cfg.num_heads, cfg.head_size), cq, sq)
-        seen = jnp.arange(t)[None, None, :] <= idx[:, :, None]
+        k, v = self.keys_values(h, positions)
+        q = self.queries(rows(h, idx), rows(positions, idx))
+        seen = jnp.arange(h.shape[1])[None, None, :] <= idx[:, :, None]
         if mask is not None:
             seen = seen & rows(mask, idx)
-        out = attention(q, k.transpose(0, 2, 1, 3).astype(q.dtype), v.transpose(0, 2, 1, 3).astype(q.dtype), seen)
-        return self.o_proj(out.reshape(b, idx.shape[1], -1))
+        out = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), seen)
+        return self.o_proj(out.reshape(*idx.shape, -1))
 
 
 def rows(a: Array, idx: Array) -> Array:
