@@ -19,6 +19,10 @@ its own process so its peak memory (max RSS) is its own.
          others (bf16=False: PRMConfig's default is bf16 autocast, which on a CPU with AMX runs
          oneDNN's bf16 matmuls); that default is timed too and printed on its own line.
 
+Every part runs in the environment `prm-jax train` gives itself: glibc backing large allocations
+with huge pages (prm_jax.cli.hugepage_malloc_env; it spares XLA:CPU's per-step page faults and
+changes little for torch, whose allocator reuses its memory).
+
 Throughput = real (non-padding) tokens / step wall time, median over the timed steps (compilation
 and warm-up steps excluded). MFU on a GPU: experiments/gpu_check.py.
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -254,7 +259,10 @@ def part_trl(work: str, steps: int, warmup: int, bf16: bool = False) -> dict:
 def run_part(python: str, part: str, args, timeout: int = 900) -> dict:
     cmd = [python, os.path.abspath(__file__), "--part", part, "--work", args.work, "--steps", str(args.steps),
            "--warmup", str(args.warmup)]
+    from prm_jax.cli import hugepage_malloc_env
+
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "TOKENIZERS_PARALLELISM": "false"}
+    env = hugepage_malloc_env(env, platform.libc_ver()) or env  # as `prm-jax` runs; the same for every part
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("RESULT "):
