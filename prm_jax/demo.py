@@ -368,11 +368,15 @@ def summary_table(report: dict[str, Any]) -> str:
         lines.append(f"{src:<10}{q['n']:>6}{_fmt(q['first_error_accuracy'], True):>16}"
                      f"{_fmt(q['step_precision'], True):>9}{_fmt(q['step_recall'], True):>9}")
     prm = report["prm"]
-    lines += ["", f"Held-out first-error F1 ({prm['n_heldout']} solutions)",
-              f"{'PRM trained on consensus labels':<36}{_fmt(prm['f1'], True):>8}",
-              f"{'PRM trained on MC labels':<36}{_fmt(prm['mc_f1'], True):>8}",
-              f"{'PRM trained on judge labels':<36}{_fmt(prm['judge_f1'], True):>8}",
-              f"{'outcome-only baseline':<36}{_fmt(prm['baseline_f1'], True):>8}"]
+    lines += ["", f"Held-out, ProcessBench-style ({prm['n_heldout']} solutions)",
+              f"{'':<36}{'F1%':>8}{'error acc%':>12}{'correct acc%':>14}"]
+    for name, f1, detail in (("PRM trained on consensus labels", "f1", "detail"),
+                             ("PRM trained on MC labels", "mc_f1", "mc_detail"),
+                             ("PRM trained on judge labels", "judge_f1", "judge_detail"),
+                             ("outcome-only baseline", "baseline_f1", "baseline")):
+        d = prm.get(detail) or {}
+        lines.append(f"{name:<36}{_fmt(prm[f1], True):>8}{_fmt(d.get('acc_error'), True):>12}"
+                     f"{_fmt(d.get('acc_correct'), True):>14}")
     curve = report["best_of_n"]["consensus"]["curve"]
     lines += ["", "Best-of-N (consensus PRM)", f"{'N':>4}{'prm@N%':>9}{'maj@N%':>9}{'pass@N%':>9}"]
     for c in curve:
@@ -392,6 +396,8 @@ def write_markdown(report: dict[str, Any], path: str) -> None:
         "```", summary_table(report), "```", "",
         "![label quality](report_label_quality.png)", "", "![PRM F1](report_f1.png)", "",
         "![Best-of-N](bon_consensus/bon_curve.png)", "",
+        "Held-out scores: error acc is the share of erroneous solutions whose first error is found exactly, "
+        "correct acc the share of correct solutions left unflagged; F1 is their harmonic mean (ProcessBench's).", "",
         "Step precision/recall: the positive class is \"this step is wrong\", over the steps each source labels "
         "(the steps up to its first error). The outcome-only baseline knows whether the final answer is right and "
         "then blames the last step.",

@@ -25,11 +25,15 @@ def demo_out(tmp_path_factory):
     return out
 
 
-def _f1(labels, preds):
+def _accuracies(labels, preds):
+    """ProcessBench's two accuracies: first error found exactly, correct solution left unflagged."""
     err = [(y, p) for y, p in zip(labels, preds) if y >= 0]
     ok = [(y, p) for y, p in zip(labels, preds) if y < 0]
-    a = sum(y == p for y, p in err) / len(err)
-    b = sum(p == -1 for _, p in ok) / len(ok)
+    return sum(y == p for y, p in err) / len(err), sum(p == -1 for _, p in ok) / len(ok)
+
+
+def _f1(labels, preds):
+    a, b = _accuracies(labels, preds)
     return 0.0 if a + b == 0 else 2 * a * b / (a + b)
 
 
@@ -59,6 +63,10 @@ def test_demo_report_fields_and_claims(demo_out):
     prm_f1 = _f1(labels, [pred[r["id"]] for r in heldout])
     base_f1 = _f1(labels, [outcome_baseline(r) for r in heldout])
     assert prm_f1 == pytest.approx(prm["f1"])
+    err_acc, ok_acc = _accuracies(labels, [pred[r["id"]] for r in heldout])
+    with open(os.path.join(demo_out, "report.md")) as f:
+        row = next(line for line in f if line.startswith("PRM trained on consensus labels")).split()
+    assert row[-3:] == [f"{100 * prm_f1:.1f}", f"{100 * err_acc:.1f}", f"{100 * ok_acc:.1f}"]
     assert base_f1 == pytest.approx(prm["baseline_f1"])
     assert prm_f1 > base_f1, f"consensus PRM F1 {prm_f1:.3f} does not beat the outcome-only baseline {base_f1:.3f}"
 
