@@ -24,9 +24,10 @@ with huge pages (prm_jax.cli.hugepage_malloc_env; it spares XLA:CPU's per-step p
 changes little for torch, whose allocator reuses its memory).
 
 Throughput = real (non-padding) tokens / step wall time, median over the timed steps (compilation
-and warm-up steps excluded). MFU on a GPU: experiments/gpu_check.py.
+and warm-up steps excluded); with --rounds N every part runs N times in rotation and the median is
+over all N rounds' steps. MFU on a GPU: experiments/gpu_check.py.
 
-    python experiments/bench_train.py [--steps 3] [--trl-python /tmp/bench-trl/bin/python]
+    python experiments/bench_train.py [--steps 3] [--rounds 1] [--trl-python /tmp/bench-trl/bin/python]
 """
 from __future__ import annotations
 
@@ -271,12 +272,28 @@ def run_part(python: str, part: str, args, timeout: int = 900) -> dict:
     return {"error": f"exit {p.returncode}: " + " | ".join(tail)}
 
 
+def pooled(results: list[dict]) -> dict:
+    """One part's rounds as one result: every round's per-step rates pooled, median over them all."""
+    errors = [r for r in results if "error" in r]
+    if errors:
+        return errors[0]
+    out = {**results[0], "rates": [x for r in results for x in r["rates"]]}
+    out["tokens_per_s"] = statistics.median(out["rates"])
+    if "peak_rss_mib" in out:
+        out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in results)
+    for variant in ("grouped", "packed"):  # the jax part's other batchings
+        if variant in out:
+            out[variant] = pooled([r[variant] for r in results])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=("jax", "torch", "trl", "trl-bf16"))
     ap.add_argument("--work", default="/tmp/prm_bench_train")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per framework")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps (torch, trl)")
+    ap.add_argument("--rounds", type=int, default=1, help="run every part this many times, in rotation")
     ap.add_argument("--trl-python", default="/tmp/bench-trl/bin/python",
                     help="python of the venv that has trl==0.24.0")
     args = ap.parse_args()
@@ -291,15 +308,19 @@ def main() -> None:
 
     prepare(args.work, n_records=args.steps * BATCH)
     print(f"PRM train step, Qwen2Config.small() (vocab 32000, h512, 8 layers), f32, batch {BATCH}, "
-          f"max length {MAX_LEN}, {args.steps} timed steps (median), ProcessBench-GSM8K records, CPU")
-    res = {"jax": run_part(sys.executable, "jax", args), "torch": run_part(sys.executable, "torch", args)}
-    if os.path.exists(args.trl_python):
-        res["trl"] = run_part(args.trl_python, "trl", args)
-        res["trl-bf16"] = run_part(args.trl_python, "trl-bf16", args)
-    else:
-        res["trl"] = res["trl-bf16"] = {
-            "error": f"{args.trl_python} not found; create the venv: python -m venv --system-site-packages "
-                     "/tmp/bench-trl && /tmp/bench-trl/bin/pip install trl==0.24.0 datasets"}
+          f"max length {MAX_LEN}, {args.steps} timed steps x {args.rounds} rounds (median), ProcessBench-GSM8K "
+          "records, CPU")
+    pythons = {"jax": sys.executable, "torch": sys.executable, "trl": args.trl_python, "trl-bf16": args.trl_python}
+    runs: dict[str, list[dict]] = {k: [] for k in pythons}
+    for _ in range(args.rounds):  # in rotation, so a change in the machine's load falls on every part alike
+        for part, python in pythons.items():
+            if python == args.trl_python and not os.path.exists(python):
+                runs[part].append({"error": f"{python} not found; create the venv: python -m venv "
+                                   "--system-site-packages /tmp/bench-trl && /tmp/bench-trl/bin/pip install "
+                                   "trl==0.24.0 datasets"})
+            else:
+                runs[part].append(run_part(python, part, args))
+    res = {k: pooled(v) for k, v in runs.items()}
     j = res["jax"]
     ours = {} if "error" in j else {"padded": j, "grouped": j["grouped"], "packed": j["packed"]}
     labels = {"padded": "padded to x64", "grouped": "length-grouped, padded to x64", "packed": "packed 512-rows"}
