@@ -43,7 +43,7 @@ def hugepage_malloc_env(environ: dict[str, str], libc: tuple[str, str]) -> dict[
     Why: XLA:CPU allocates a compiled step's temporaries afresh on every run, and glibc serves the
     large ones with newly mapped 4 KiB pages, so every step page-faults its whole working set again:
     ~600k faults and 1.5 s of kernel time per step of the benchmark PRM (8x512 tokens), against
-    ~4k faults and 0.4-0.8 s with huge pages, 7-10% less wall time (experiments/bench_train.py).
+    ~4k faults and 0.4-0.8 s with huge pages, and 7-10% less wall time timing that step alone.
     Glibc reads the tunable only at process start, hence the restart."""
     if libc[0] != "glibc" or environ.get("PRM_JAX_HUGEPAGES") == "0" or "malloc.hugetlb" in environ.get(
             "GLIBC_TUNABLES", ""):
