@@ -374,9 +374,8 @@ def summary_table(report: dict[str, Any]) -> str:
                              ("PRM trained on MC labels", "mc_f1", "mc_detail"),
                              ("PRM trained on judge labels", "judge_f1", "judge_detail"),
                              ("outcome-only baseline", "baseline_f1", "baseline")):
-        d = prm.get(detail) or {}
-        lines.append(f"{name:<36}{_fmt(prm[f1], True):>8}{_fmt(d.get('acc_error'), True):>12}"
-                     f"{_fmt(d.get('acc_correct'), True):>14}")
+        lines.append(f"{name:<36}{_fmt(prm[f1], True):>8}{_fmt(prm[detail]['acc_error'], True):>12}"
+                     f"{_fmt(prm[detail]['acc_correct'], True):>14}")
     curve = report["best_of_n"]["consensus"]["curve"]
     lines += ["", "Best-of-N (consensus PRM)", f"{'N':>4}{'prm@N%':>9}{'maj@N%':>9}{'pass@N%':>9}"]
     for c in curve:

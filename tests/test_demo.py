@@ -60,10 +60,11 @@ def test_demo_report_fields_and_claims(demo_out):
     with open(os.path.join(demo_out, "eval_consensus", "predictions.jsonl")) as f:
         pred = {r["id"]: r["pred"] for r in map(json.loads, f)}
     labels = [r["label"] for r in heldout]
-    prm_f1 = _f1(labels, [pred[r["id"]] for r in heldout])
+    prm_preds = [pred[r["id"]] for r in heldout]
+    prm_f1 = _f1(labels, prm_preds)
     base_f1 = _f1(labels, [outcome_baseline(r) for r in heldout])
     assert prm_f1 == pytest.approx(prm["f1"])
-    err_acc, ok_acc = _accuracies(labels, [pred[r["id"]] for r in heldout])
+    err_acc, ok_acc = _accuracies(labels, prm_preds)
     with open(os.path.join(demo_out, "report.md")) as f:
         row = next(line for line in f if line.startswith("PRM trained on consensus labels")).split()
     assert row[-3:] == [f"{100 * prm_f1:.1f}", f"{100 * err_acc:.1f}", f"{100 * ok_acc:.1f}"]
