@@ -304,3 +304,25 @@ def test_dense_matmul_backward_equals_autodiff():
     ref = jax.grad(loss(lambda a, b: a @ b), argnums=(0, 1))(x, w)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_backward_equals_torch_autograd():
+    """The hand-written attention backward against torch autograd of the same attention (GQA,
+    causal + same-segment mask as in packed rows), in f32."""
+    from prm_jax.models.qwen2 import attention
+
+    rng = np.random.default_rng(0)
+    b, t, h, kv, d = 2, 12, 4, 2, 8
+    q, w = (rng.normal(size=(b, t, h, d)).astype(np.float32) for _ in range(2))
+    k, v = (rng.normal(size=(b, kv, t, d)).astype(np.float32) for _ in range(2))
+    segments = np.array([[1] * 7 + [2] * 5, [1] * 12])
+    mask = np.tril(np.ones((t, t), bool)) & (segments[:, :, None] == segments[:, None, :])
+
+    ours = jax.grad(lambda *a: jnp.sum(attention(*a, jnp.asarray(mask)) * w), argnums=(0, 1, 2))(
+        *map(jnp.asarray, (q, k, v)))
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    out = F.scaled_dot_product_attention(tq.transpose(1, 2), tk, tv, attn_mask=torch.tensor(mask)[:, None],
+                                         enable_gqa=True)
+    (out.transpose(1, 2) * torch.tensor(w)).sum().backward()
+    for a, ref in zip(ours, (tq, tk, tv)):
+        np.testing.assert_allclose(np.asarray(a), ref.grad.numpy(), rtol=1e-4, atol=1e-5)
