@@ -81,9 +81,8 @@ def sample_fresh(demo, n: int) -> list[dict]:
     out = demo.path("oracle_solutions.jsonl")
     if os.path.exists(out):
         os.remove(out)  # `prm-jax sample` would continue an earlier file
-    demo.cli("sample", "--policy", demo.path("policy", "hf"), "--problems", demo.path("data", "oracle_problems.jsonl"),
-             "--out", out, "--n", demo.size.samples_per_problem, "--temperature", 0.7, "--top-p", 1.0,
-             "--max-new-tokens", 96, "--seed", demo.seed + 5, "--batch-size", 256)
+    demo.sample(demo.path("data", "oracle_problems.jsonl"), out, demo.size.samples_per_problem, demo.seed + 5,
+                batch_size=256)
     return read_jsonl(out)
 
 

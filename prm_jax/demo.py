@@ -127,6 +127,12 @@ class Demo:
             args.append("--quiet")
         self.cli(*args)
 
+    def sample(self, problems: str, out: str, n: int, seed: int, batch_size: int = 32) -> None:
+        """`prm-jax sample`: the policy's `n` solutions per problem, at the demo's sampling settings."""
+        self.cli("sample", "--policy", self.path("policy", "hf"), "--problems", problems, "--out", out, "--n", n,
+                 "--temperature", 0.7, "--top-p", 1.0, "--max-new-tokens", 96, "--seed", seed,
+                 "--batch-size", batch_size)
+
     # -- stages ------------------------------------------------------------------------------
     def stage_world(self) -> None:
         from prm_jax.toyworld import critic, world
@@ -170,9 +176,8 @@ class Demo:
                    batch=s.policy_batch)
 
     def stage_sample(self) -> None:
-        self.cli("sample", "--policy", self.path("policy", "hf"), "--problems", self.path("data", "label_problems.jsonl"),
-                 "--out", self.path("solutions.jsonl"), "--n", self.size.samples_per_problem, "--temperature", 0.7,
-                 "--top-p", 1.0, "--max-new-tokens", 96, "--seed", self.seed, "--batch-size", 32)
+        self.sample(self.path("data", "label_problems.jsonl"), self.path("solutions.jsonl"),
+                    self.size.samples_per_problem, self.seed)
 
     def stage_rollout(self) -> None:
         self.cli("rollout", "--policy", self.path("policy", "hf"), "--solutions", self.path("solutions.jsonl"),
@@ -235,10 +240,7 @@ class Demo:
         from prm_jax.toyworld import world
 
         samples = self.path("heldout_samples.jsonl")
-        self.cli("sample", "--policy", self.path("policy", "hf"), "--problems",
-                 self.path("data", "heldout_problems.jsonl"), "--out", samples, "--n", self.size.bon_n,
-                 "--temperature", 0.7, "--top-p", 1.0, "--max-new-tokens", 96, "--seed", self.seed + 1,
-                 "--batch-size", 32)
+        self.sample(self.path("data", "heldout_problems.jsonl"), samples, self.size.bon_n, self.seed + 1)
         records = [r for r in map(world.processbench_record, read_jsonl(samples)) if r is not None]
         rng = random.Random(self.seed)
         wrong = [r for r in records if r["label"] >= 0]

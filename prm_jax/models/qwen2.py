@@ -240,7 +240,7 @@ def _split_heads(x: Array, t: int) -> Array:
 def _attention_probs(qm: Array, k: Array, mask: Array, g: int) -> Array:
     """Softmax over keys of the scores (qm already scaled by 1/sqrt(D)), f32, [B,K,G*T,S]; masked
     keys get weight 0."""
-    b, kv, gt, d = qm.shape
+    b, kv, gt, _ = qm.shape
     scores = jnp.einsum("bkqd,bksd->bkqs", qm, k, preferred_element_type=jnp.float32).reshape(b, kv, g, gt // g, -1)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(scores, axis=-1).reshape(b, kv, gt, -1)
