@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=0, help="sample this many fresh problems (default: none, "
                     "train on the demo's own labelled solutions)")
     ap.add_argument("--steps", type=int, help="PRM training steps (default: the demo's)")
+    ap.add_argument("--batch", type=int, help="PRM batch size (default: the demo's)")
     args = ap.parse_args()
 
     from prm_jax.demo import Demo
@@ -41,6 +42,8 @@ def main() -> None:
     demo = Demo.load(args.demo)
     if args.steps:
         demo.size = dataclasses.replace(demo.size, prm_steps=args.steps)
+    if args.batch:
+        demo.size = dataclasses.replace(demo.size, prm_batch=args.batch)
     solutions = read_jsonl(demo.path("solutions.jsonl"))
     if args.problems:
         solutions = sample_fresh(demo, args.problems)
@@ -57,7 +60,8 @@ def main() -> None:
     with open(demo.path("eval_oracle", "summary.json"), encoding="utf-8") as f:
         oracle = json.load(f)["subsets"]["toy"]
     n_wrong = sum(truth[r["id"]] not in (None, -1) for r in solutions)
-    print(f"\nHeld-out first-error F1 ({prm['n_heldout']} solutions); the oracle trained {demo.size.prm_steps} steps")
+    print(f"\nHeld-out first-error F1 ({prm['n_heldout']} solutions); the oracle trained {demo.size.prm_steps} steps "
+          f"of batch {demo.size.prm_batch}")
     rows = [("PRM on TRUE labels of %d policy solutions (%d with an error)" % (len(solutions), n_wrong), oracle["f1"]),
             ("PRM on consensus labels", prm["f1"]), ("PRM on MC labels", prm["mc_f1"]),
             ("PRM on judge labels", prm["judge_f1"]), ("outcome-only baseline", prm["baseline_f1"])]

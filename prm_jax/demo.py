@@ -52,6 +52,7 @@ class DemoSize:
     samples_per_problem: int
     rollouts: int
     prm_steps: int
+    prm_batch: int
     heldout_problems: int
     bon_n: int
     lr: float = 3e-3
@@ -63,12 +64,12 @@ SIZES = {
     "tiny": DemoSize(world="tiny", world_overrides=dict(max_start=9, max_operand=5, max_value=9), model=dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
                                               num_kv_heads=2), vocab_size=384,
                      policy_problems=3000, policy_steps=300, policy_batch=16, critic_problems=600, critic_steps=150,
-                     label_problems=48, samples_per_problem=4, rollouts=6, prm_steps=80, heldout_problems=32,
+                     label_problems=48, samples_per_problem=4, rollouts=6, prm_steps=80, prm_batch=16, heldout_problems=32,
                      bon_n=4),
     "small": DemoSize(world="small", world_overrides={}, model=dict(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                                                 num_kv_heads=2), vocab_size=1024,
                       policy_problems=8000, policy_steps=1500, policy_batch=32, critic_problems=2000,
-                      critic_steps=800, label_problems=160, samples_per_problem=4, rollouts=8, prm_steps=400,
+                      critic_steps=800, label_problems=160, samples_per_problem=4, rollouts=8, prm_steps=400, prm_batch=16,
                       heldout_problems=96, bon_n=8),
 }
 
@@ -108,12 +109,14 @@ class Demo:
 
     def train(self, objective: str, train_file: str, out: str, steps: int, lr: float, *, init: str | None = None,
               system_prompt: str | None = "default", batch: int = 16, buckets: tuple[int, ...] = (96, 128, 160),
-              overrides: tuple[str, ...] = ()) -> None:
+              overrides: tuple[str, ...] = (), eval_file: str | None = None) -> None:
         args = ["train", "--objective", objective, "--train", train_file, "--out", out,
                 "--set", f"steps={steps}", "--set", f"lr={lr}", "--set", f"batch_size={batch}",
                 "--set", f"max_length={max(buckets)}", "--set", f"buckets={list(buckets)}",
                 "--set", f"warmup_steps={min(20, steps // 5)}", "--set", "min_lr_ratio=0.1",
                 "--set", f"seed={self.seed}", "--set", f"save_every={max(steps // 2, 1)}", "--set", "log_every=25"]
+        if eval_file:
+            args += ["--eval", eval_file]
         if init:
             args += ["--init", init]
         else:
@@ -231,7 +234,7 @@ class Demo:
         if not read_jsonl(train_file):
             raise RuntimeError(f"{train_file} is empty: no solution survived labelling with {label_set!r}")
         self.train("prm", train_file, self.path(f"prm_{label_set}"), s.prm_steps, s.prm_lr,
-                   init=self.path("policy", "hf"), batch=16)
+                   init=self.path("policy", "hf"), batch=s.prm_batch)
 
     def stage_heldout(self) -> None:
         """Fresh policy samples on held-out problems, labelled by the truth; balanced between
