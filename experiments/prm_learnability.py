@@ -1,8 +1,8 @@
 """Can a finished demo's PRM learn to verify a step at all? Trains it (the demo's init, shape and
 settings, class-balanced so chance is a loss of ln 2 = 0.693) on the world's reference and
 injected-error solutions of the demo's policy problems — plenty of them, every step labelled —
-under three labellings of increasing difficulty, and prints each learning curve, with the loss and
-step accuracy on a held-out tenth of the solutions:
+under three labellings of increasing difficulty, and prints each learning curve: training loss and
+the loss on a held-out tenth of the solutions:
 
 - `subtraction`: the step subtracts (a surface feature of the step's own text);
 - `arithmetic`:  the step's own equation is right (a op b = c), whatever came before (on solutions
