@@ -40,10 +40,8 @@ def main() -> None:
     if not os.path.exists(report_path):
         sys.exit(f"{report_path} not found: run `prm-jax demo --out {args.demo}` to the end first")
     demo = Demo.load(args.demo)
-    if args.steps:
-        demo.size = dataclasses.replace(demo.size, prm_steps=args.steps)
-    if args.batch:
-        demo.size = dataclasses.replace(demo.size, prm_batch=args.batch)
+    changes = {"prm_steps": args.steps, "prm_batch": args.batch}
+    demo.size = dataclasses.replace(demo.size, **{k: v for k, v in changes.items() if v})
     solutions = read_jsonl(demo.path("solutions.jsonl"))
     if args.problems:
         solutions = sample_fresh(demo, args.problems)

@@ -47,12 +47,13 @@ def step_labels(solution: dict, rule: str) -> list[int]:
 LOG_EVERY = 25  # the demo's log_every
 
 
-def torch_curve(records: list[dict], heldout: list[dict], init: str, steps: int, lr: float, seed: int,
+def torch_curve(train_file: str, heldout_file: str, init: str, steps: int, lr: float, seed: int,
                 batch: int) -> list[dict]:
-    """The peer: transformers' Qwen2ForTokenClassification from `init`, trained on `records` by a plain
+    """The peer: transformers' Qwen2ForTokenClassification from `init`, trained on `train_file` by a plain
     torch loop with prm_jax's recipe (AdamW, linear warmup then cosine to lr/10, clip 1.0, inverse-
     frequency class weights, loss = weighted NLL summed over step tokens / their count); the held-out
-    loss on `heldout` at each logged step."""
+    loss on `heldout_file` at each logged step. Both are encoded by prm_jax's own pipeline, so the
+    two trainers see the same examples."""
     import math
     import random
 
@@ -60,34 +61,31 @@ def torch_curve(records: list[dict], heldout: list[dict], init: str, steps: int,
     from transformers import AutoTokenizer, Qwen2ForTokenClassification
     from transformers.utils import logging as hf_logging
 
-    from prm_jax.data.prm_format import encode_prm, resolve_step_token
+    from prm_jax.data import pipeline as pl
+    from prm_jax.data.prm_format import resolve_step_token
+    from prm_jax.training.losses import balanced_class_weights
 
     hf_logging.set_verbosity_error()  # its load report (the LM head unused, the score head new) is expected
     tok = AutoTokenizer.from_pretrained(init)
-    step_id = resolve_step_token(tok)
+    opts = pl.EncodeOptions(objective="prm", step_token_id=resolve_step_token(tok))
+    rows = pl.encode_records(tok, train_file, opts).examples
+    held_rows = pl.encode_records(tok, heldout_file, opts).examples
 
-    def encode(recs: list[dict]) -> list[tuple[list[int], list[int]]]:
-        rows = []
-        for r in recs:
-            ids = encode_prm(tok, r["problem"], r["steps"], step_id)
-            marks = iter(r["labels"])
-            rows.append((ids, [next(marks) if t == step_id else -100 for t in ids]))
-        return rows
-
-    def weighted_loss(chunk: list[tuple[list[int], list[int]]], weights: torch.Tensor) -> tuple[torch.Tensor, int]:
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in chunk])
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in chunk])
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in chunk])
+    def weighted_loss(chunk: list[dict], weights: torch.Tensor) -> tuple[torch.Tensor, int]:
+        width = max(len(e["input_ids"]) for e in chunk)
+        ids = torch.full((len(chunk), width), tok.pad_token_id)
+        labels = torch.full((len(chunk), width), pl.IGNORE)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, e in enumerate(chunk):
+            n = len(e["input_ids"])
+            ids[r, :n], labels[r, :n] = torch.from_numpy(e["input_ids"]), torch.from_numpy(e["labels"])
+            mask[r, :n] = 1
         logits = model(input_ids=ids, attention_mask=mask).logits
-        keep = labels != -100
+        keep = labels != pl.IGNORE
         nll = torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="none")
         return (nll * weights[labels[keep]]).sum() / keep.sum(), int(keep.sum())
 
-    rows, held_rows = encode(records), encode(heldout)
-    n_right = sum(r["labels"].count(1) for r in records)
-    n_wrong = sum(r["labels"].count(0) for r in records)
-    class_weights = torch.tensor([(n_right + n_wrong) / (2 * n_wrong), (n_right + n_wrong) / (2 * n_right)])
+    class_weights = torch.tensor(balanced_class_weights(rows))  # (wrong, right), as `class_balance=true`
     torch.manual_seed(seed)
     model = Qwen2ForTokenClassification.from_pretrained(init, num_labels=2)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -155,8 +153,8 @@ def main() -> None:
         evals = {r["step"]: r for r in rows if r.get("split") == "eval"}
         curves[rule] = [{**r, "held": evals.get(r["step"], {}).get("eval_loss")} for r in rows if "loss" in r]
         if args.torch:
-            curves[f"{rule} (torch)"] = torch_curve(records[held:], records[:held], demo.path("policy", "hf"),
-                                                     args.steps, lr, demo.seed, batch)
+            curves[f"{rule} (torch)"] = torch_curve(out + ".jsonl", out + "_heldout.jsonl",
+                                                     demo.path("policy", "hf"), args.steps, lr, demo.seed, batch)
         n = sum(len(r["labels"]) for r in records)
         wrong = sum(r["labels"].count(0) for r in records)
         print(f"[{rule}] {len(records)} solutions, {n} step labels, {wrong / n:.0%} of them 0")
