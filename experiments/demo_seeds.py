@@ -5,7 +5,7 @@ policy's share of fully correct solutions, each label source's first-error accur
 truth, and each PRM's held-out first-error F1 with its two accuracies beside the outcome-only
 baseline's. The last line counts the seeds where the consensus PRM beats the baseline.
 
-    python experiments/demo_seeds.py --out runs/demo_seeds --seeds 0-4 [--size tiny]
+    python experiments/demo_seeds.py --out runs/demo_seeds --seeds 0-4 [--size tiny] [--set KEY=VALUE ...]
 
 (error acc / correct acc: share of erroneous solutions whose first error is found exactly / share of
 correct solutions left unflagged — ProcessBench's two accuracies, whose harmonic mean is F1.)
@@ -29,9 +29,10 @@ def seed_list(spec: str) -> list[int]:
     return seeds
 
 
-def run_seed(out: str, size: str, seed: int) -> dict:
+def run_seed(out: str, size: str, seed: int, assignments: list[str]) -> dict:
     run = os.path.join(out, f"seed{seed}")
     argv = [sys.executable, "-m", "prm_jax.cli", "demo", "--out", run, "--size", size, "--seed", str(seed), "--quiet"]
+    argv += [f"--set={a}" for a in assignments]
     if os.path.isdir(os.path.join(run, "stages")):
         argv.append("--resume")
     t0 = time.perf_counter()
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/demo_seeds")
     ap.add_argument("--seeds", default="0-4")
     ap.add_argument("--size", default="tiny", choices=("tiny", "small"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to every `prm-jax demo`")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     prms = (("consensus", ""), ("mc", "mc_"), ("judge", "judge_"))
@@ -61,7 +63,7 @@ def main() -> None:
           + " | ".join(f"{name + ' PRM':>15}" for name, _ in prms) + f" | {'baseline':>15}", flush=True)
     beats = []
     for seed in seed_list(args.seeds):
-        r = run_seed(args.out, args.size, seed)
+        r = run_seed(args.out, args.size, seed, args.set)
         lq, prm = r["label_quality"], r["prm"]
         scores = [(prm[k + "f1"], prm[k + "detail"]) for _, k in prms] + [(prm["baseline_f1"], prm["baseline"])]
         cells = [f"{pct(f1)} ({pct(d['acc_error'])}/{pct(d['acc_correct'])})" for f1, d in scores]

@@ -26,7 +26,8 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prm_jax.records import read_jsonl, write_jsonl
@@ -57,6 +58,9 @@ class DemoSize:
     bon_n: int
     lr: float = 3e-3
     prm_lr: float = 1e-3
+    policy_error_rate: float = 0.1  # share of the policy's training solutions with an injected error
+    max_new_tokens: int = 96  # per sampled solution (rollouts, which continue a prefix, get 2/3 of it)
+    buckets: tuple[int, ...] = (96, 128, 160)  # sequence buckets of the policy and PRM training
 
 
 SIZES = {
@@ -72,6 +76,52 @@ SIZES = {
                       critic_steps=800, label_problems=160, samples_per_problem=4, rollouts=8, prm_steps=400, prm_batch=16,
                       heldout_problems=96, bon_n=8),
 }
+
+
+def resize(size: DemoSize, assignments: Sequence[str]) -> DemoSize:
+    """`prm-jax demo --set`: `field=value` for a DemoSize field, `world.key=value` for a WorldConfig
+    one, `model.key=value` for a model one (values parsed as YAML: 800, 0.4, true, [128, 192])."""
+    import yaml
+
+    from prm_jax.toyworld.world import WorldConfig
+
+    hints = typing.get_type_hints(DemoSize)
+    plain = {name: hint for name, hint in hints.items() if name not in ("world", "world_overrides", "model")}
+    changes, world, model = {}, dict(size.world_overrides), dict(size.model)
+    for a in assignments:
+        key, sep, text = (part.strip() for part in a.partition("="))
+        if not sep:
+            raise ValueError(f"--set {a!r}: expected key=value")
+        value = yaml.safe_load(text)
+        section, _, name = key.rpartition(".")
+        if section == "world" and name in {f.name for f in dataclasses.fields(WorldConfig)}:
+            world[name] = tuple(value) if isinstance(value, list) else value
+        elif section == "model" and name in size.model:
+            model[name] = _coerce(value, int, f"--set {key}")
+        elif not section and name in plain:
+            changes[name] = _coerce(value, plain[name], f"--set {key}")
+        else:
+            raise ValueError(f"--set {key}: unknown key; expected one of {', '.join(plain)}, world.<WorldConfig "
+                             f"field> or model.<{'|'.join(size.model)}>")
+    resized = dataclasses.replace(size, world_overrides=world, model=model, **changes)
+    try:  # a bad world fails here, not stages later
+        WorldConfig.for_size(resized.world, **world)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--set world.*: {e}") from None
+    return resized
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML reads 1e-3 as a string
+        except ValueError:
+            pass
+    if typing.get_origin(hint) is tuple and isinstance(value, list) and all(isinstance(v, int) for v in value):
+        return tuple(value)
+    if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ValueError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +142,8 @@ class Demo:
     def load(cls, out: str, quiet: bool = True) -> "Demo":
         """The demo run in `out`, with the size, judge and seed it was started with."""
         settings = _load_json(os.path.join(out, SETTINGS_FILE))
-        return cls(out, SIZES[settings["size"]], Judge(**settings["judge"]), settings["seed"], quiet)
+        size = resize(SIZES[settings["size"]], settings.get("set", []))
+        return cls(out, size, Judge(**settings["judge"]), settings["seed"], quiet)
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)
@@ -108,8 +159,9 @@ class Demo:
             raise RuntimeError(f"prm-jax {argv[0]} exited with {rc}")
 
     def train(self, objective: str, train_file: str, out: str, steps: int, lr: float, *, init: str | None = None,
-              system_prompt: str | None = "default", batch: int = 16, buckets: tuple[int, ...] = (96, 128, 160),
+              system_prompt: str | None = "default", batch: int = 16, buckets: tuple[int, ...] | None = None,
               overrides: tuple[str, ...] = (), eval_file: str | None = None) -> None:
+        buckets = buckets or self.size.buckets
         args = ["train", "--objective", objective, "--train", train_file, "--out", out,
                 "--set", f"steps={steps}", "--set", f"lr={lr}", "--set", f"batch_size={batch}",
                 "--set", f"max_length={max(buckets)}", "--set", f"buckets={list(buckets)}",
@@ -133,7 +185,7 @@ class Demo:
     def sample(self, problems: str, out: str, n: int, seed: int, batch_size: int = 32) -> None:
         """`prm-jax sample`: the policy's `n` solutions per problem, at the demo's sampling settings."""
         self.cli("sample", "--policy", self.path("policy", "hf"), "--problems", problems, "--out", out, "--n", n,
-                 "--temperature", 0.7, "--top-p", 1.0, "--max-new-tokens", 96, "--seed", seed,
+                 "--temperature", 0.7, "--top-p", 1.0, "--max-new-tokens", self.size.max_new_tokens, "--seed", seed,
                  "--batch-size", batch_size)
 
     # -- stages ------------------------------------------------------------------------------
@@ -165,7 +217,7 @@ class Demo:
             json.dump({"preset": "tiny", **s.model, "vocab_size": vocab, "max_position_embeddings": 1024}, f)
         # The policy learns from reference solutions with a few injected errors, so that its own
         # samples go wrong in varied places; the critic from solutions with true verdicts.
-        policy = world.sample_solutions(problems["policy"], seed=seed, error_rate=0.1)
+        policy = world.sample_solutions(problems["policy"], seed=seed, error_rate=s.policy_error_rate)
         write_jsonl(self.path("data", "policy_train.jsonl"),
                     [{"id": r["id"], "problem": r["problem"], "steps": r["steps"]} for r in policy])
         examples = critic.critic_training_set(problems["critic"], template, seed=seed, error_rate=0.6)
@@ -185,8 +237,8 @@ class Demo:
     def stage_rollout(self) -> None:
         self.cli("rollout", "--policy", self.path("policy", "hf"), "--solutions", self.path("solutions.jsonl"),
                  "--out", self.path("mc.jsonl"), "--n", self.size.rollouts, "--mode", "all", "--temperature", 0.7,
-                 "--top-p", 1.0, "--max-new-tokens", 64, "--seed", self.seed, "--batch-size", 32,
-                 "--max-prefixes", 128)
+                 "--top-p", 1.0, "--max-new-tokens", 2 * self.size.max_new_tokens // 3, "--seed", self.seed,
+                 "--batch-size", 32, "--max-prefixes", 128)
 
     def stage_critic(self) -> None:
         if self.judge.kind != "critic":
@@ -454,15 +506,18 @@ def _compilation_cache(path: str) -> None:
 
 
 def run_demo(out: str, size: str = "tiny", judge: Judge = Judge(), seed: int = 0, resume: bool = False,
-             quiet: bool = False) -> dict[str, Any]:
-    """Run (or with `resume`, continue) the demo; returns the report."""
+             quiet: bool = False, assignments: Sequence[str] = ()) -> dict[str, Any]:
+    """Run (or with `resume`, continue) the demo, its size changed by `assignments` (see `resize`);
+    returns the report."""
     done_dir = os.path.join(out, "stages")
     if os.path.isdir(done_dir) and os.listdir(done_dir) and not resume:
         raise SystemExit(f"{out} already holds a demo run; pass --resume to continue it or choose a new --out")
     os.makedirs(done_dir, exist_ok=True)
     _compilation_cache(os.path.join(out, ".jax_cache"))
-    demo = Demo(out, SIZES[size], judge, seed, quiet)
+    demo = Demo(out, resize(SIZES[size], assignments), judge, seed, quiet)
     settings = {"size": size, "judge": dataclasses.asdict(judge), "seed": seed}
+    if assignments:
+        settings["set"] = list(assignments)
     settings_path = os.path.join(out, SETTINGS_FILE)
     if os.path.exists(settings_path) and _load_json(settings_path) != settings:
         raise SystemExit(f"{settings_path}: this run used {_load_json(settings_path)}; resume it with the same "
@@ -502,6 +557,9 @@ def register(sub) -> None:
     p.add_argument("--judge-model", help="model name for --judge-endpoint")
     p.add_argument("--judge-tokenizer", help="judge tokenizer directory (sglang: its chat template)")
     p.add_argument("--quiet", action="store_true", help="no progress bars from the training stages")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change the size preset, e.g. --set policy_steps=800 --set world.restate=true "
+                        "(DemoSize fields, world.<WorldConfig field>, model.<field>)")
     p.set_defaults(func=_run)
 
 
@@ -511,5 +569,5 @@ def _run(args) -> int:
                       tokenizer=args.judge_tokenizer)
     else:
         judge = Judge(args.judge, error_rate=args.judge_error_rate)
-    run_demo(args.out, args.size, judge, args.seed, args.resume, args.quiet)
+    run_demo(args.out, args.size, judge, args.seed, args.resume, args.quiet, args.set)
     return 0

@@ -78,3 +78,38 @@ def test_demo_resume_skips_finished_stages_and_refuses_overwrite(demo_out):
     resumed = run_demo("--out", demo_out, "--size", "tiny", "--resume", "--quiet")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "report: done earlier, skipped" in resumed.stdout
+
+
+def test_demo_set_changes_the_size_and_rejects_bad_keys():
+    from prm_jax.demo import SIZES, resize
+
+    tiny = SIZES["tiny"]
+    size = resize(tiny, ["policy_steps=800", "lr=1e-3", "buckets=[128, 192]", "world.restate=true",
+                         "world.ops=['+']", "model.hidden_size=128"])
+    assert (size.policy_steps, size.lr, size.buckets) == (800, 0.001, (128, 192))
+    assert size.world_overrides == {**tiny.world_overrides, "restate": True, "ops": ("+",)}
+    assert size.model == {**tiny.model, "hidden_size": 128} and tiny.model["hidden_size"] == 64
+    for bad, message in (("policy_steps=1.5", "policy_steps: expected int"), ("bogus=1", "bogus: unknown key"),
+                         ("world.bogus=1", "world.bogus: unknown key"), ("model.bogus=1", "unknown key"),
+                         ("world.max_steps=0", "min_steps <= max_steps"), ("lr", "expected key=value")):
+        with pytest.raises(ValueError, match=message):
+            resize(tiny, [bad])
+
+
+def test_demo_resume_needs_the_same_set(tmp_path):
+    """A run's --set is part of its settings: resuming with other values is refused before any
+    stage runs, and Demo.load restores the changed size."""
+    import dataclasses
+
+    from prm_jax.demo import Demo, Judge, run_demo
+
+    out = str(tmp_path / "run")
+    os.makedirs(os.path.join(out, "stages"))
+    settings = {"size": "tiny", "judge": dataclasses.asdict(Judge()), "seed": 0, "set": ["policy_steps=7"]}
+    with open(os.path.join(out, "demo_settings.json"), "w") as f:
+        json.dump(settings, f)
+    with pytest.raises(SystemExit, match="same options"):
+        run_demo(out, "tiny", resume=True, assignments=["policy_steps=8"])
+    with pytest.raises(SystemExit, match="same options"):
+        run_demo(out, "tiny", resume=True)
+    assert Demo.load(out).size.policy_steps == 7

@@ -96,6 +96,33 @@ CASES = [  # (steps, first error, reason, final answer correct)
 ]
 
 
+# A restating world: each step first says which sentence it applies; only the equation is judged.
+W_SAID = {**W, "name": "Ana", "item": "apples", "phrasing": [0, 0, 0], "restate": True}
+RIGHT_SAID = ["She finds 5 more apples: 7 + 5 = 12", "She gives away 3 apples: 12 - 3 = 9",
+              "She ends up with 2 times as many apples: 9 * 2 = 18. The answer is \\boxed{18}."]
+CASES += [
+    (RIGHT_SAID, -1, None, True),
+    (["She finds 5 more apples: 7 + 5 = 12", "She gives away 3 apples: 12 - 4 = 8",
+      "She ends up with 2 times as many apples: 8 * 2 = 16. The answer is \\boxed{16}."], 1, "wrong_operand", False),
+    # restating the wrong sentence, then applying it, skips an operation
+    (["She gives away 3 apples: 7 - 3 = 4", "She finds 5 more apples: 4 + 5 = 9",
+      "She ends up with 2 times as many apples: 9 * 2 = 18. The answer is \\boxed{18}."], 0, "wrong_operation", True),
+    (["She finds 5 more apples 7 + 5 = 12", "12 - 3 = 9", "9 * 2 = 18. The answer is \\boxed{18}."],
+     0, "unparseable", True),
+]
+
+
+def test_restating_world_writes_the_problem_sentences():
+    assert world.write_solution(W_SAID) == RIGHT_SAID
+    assert world.render_problem(W_SAID).startswith("Ana has 7 apples. She finds 5 more apples. Then she gives away")
+    cfg = WorldConfig(min_steps=2, max_steps=5, ops=("+", "-", "*", "/"), restate=True)
+    for rec in world.generate_problems(50, seed=8, cfg=cfg):
+        sentences = [s.strip() for s in rec["problem"].split(".")][1:-1]
+        said = [step.split(":")[0] for step in world.write_solution(rec)]
+        assert said == [re.sub(r"^Then (\w)", lambda m: m.group(1).upper(), s) for s in sentences]
+        assert check_steps(rec, world.write_solution(rec)).first_error == -1
+
+
 @pytest.mark.parametrize("steps,first_error,reason,final_ok", CASES)
 def test_check_steps_hand_written(steps, first_error, reason, final_ok):
     v = check_steps(W, steps)
@@ -117,8 +144,10 @@ def test_check_steps_edge_cases():
 
 # ------------------------------------------------------------------ the error injector
 
-def test_injector_puts_the_advertised_first_error():
-    problems = world.generate_problems(150, seed=11, cfg=WorldConfig(max_steps=5, ops=("+", "-", "*", "/")))
+@pytest.mark.parametrize("restate", [False, True])
+def test_injector_puts_the_advertised_first_error(restate):
+    cfg = WorldConfig(max_steps=5, ops=("+", "-", "*", "/"), restate=restate)
+    problems = world.generate_problems(150, seed=11, cfg=cfg)
     rng = random.Random(0)
     made = {k: 0 for k in ERROR_KINDS}
     for rec in problems:
@@ -269,6 +298,12 @@ def test_cli_problems_solutions_truth(tmp_path):
     assert len(rows) == 60
     for row in rows:
         assert (row["label"] == -1) == (row["generator"] == "toy-reference")
+    # --restate: the solutions of these problems restate each sentence before its equation
+    assert main(["toy", "problems", "--n", "5", "--size", "tiny", "--restate", "--out", p]) == 0
+    assert main(["toy", "solutions", "--problems", p, "--out", s, "--error-rate", "0"]) == 0
+    for sol in read_jsonl(s):
+        assert [step.split(": ")[0] + "." for step in sol["steps"]] == [
+            world.op_sentence(sol, i) for i in range(len(sol["world"]["ops"]))]
     (tmp_path / "bad.jsonl").write_text('{"id": 1, "problem": "x", "answer": "1"}\n')
     with pytest.raises(RecordError, match=r"bad.jsonl:1: .*toy world"):
         main(["toy", "solutions", "--problems", str(tmp_path / "bad.jsonl"), "--out", s])

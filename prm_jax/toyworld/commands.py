@@ -48,6 +48,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-value", type=int, default=None)
     p.add_argument("--max-operand", type=int, default=None)
     p.add_argument("--ops", type=_ops, default=None, help="operations to use, e.g. +-*/")
+    p.add_argument("--restate", action="store_true", default=None,
+                   help="solution steps restate the sentence they apply ('He finds 5 more coins: 7 + 5 = 12')")
     p.set_defaults(func=cmd_problems)
 
     s = sub.add_parser("solutions", help="reference solutions, some with injected errors")
@@ -82,8 +84,8 @@ def register(subparsers) -> None:
 def cmd_problems(args) -> int:
     from prm_jax.toyworld.world import WorldConfig, generate_problems
 
-    overrides = {k: getattr(args, k) for k in ("min_steps", "max_steps", "max_value", "max_operand", "ops")
-                 if getattr(args, k) is not None}
+    keys = ("min_steps", "max_steps", "max_value", "max_operand", "ops", "restate")
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     try:
         cfg = WorldConfig.for_size(args.size, **overrides)
     except ValueError as e:

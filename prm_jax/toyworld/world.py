@@ -10,6 +10,11 @@ and its reference solution has one step per operation, the last one carrying the
     7 + 5 = 12
     12 - 3 = 9. The answer is \\boxed{9}.
 
+In a restating world (`WorldConfig(restate=True)`, kept as `"restate": true` in the world) each
+step first restates the sentence it applies, `He finds 5 more coins: 7 + 5 = 12`, so that which
+number a step should use can be read off the step itself; the checker reads past the restatement
+and judges the equation.
+
 Because the structured form travels with the record (`"world": {"start": 7, "ops": [["+", 5],
 ["-", 3]], ...}`), `check_steps` re-derives the running value and knows, for any free-form text
 a model writes, the true first wrong step.
@@ -67,6 +72,7 @@ class WorldConfig:
     max_factor: int = 3
     max_value: int = 60
     ops: tuple[str, ...] = ("+", "-", "*")
+    restate: bool = False  # each solution step first restates the sentence it applies
 
     def __post_init__(self):
         if not 1 <= self.min_steps <= self.max_steps:
@@ -169,25 +175,37 @@ def sample_world(rng: random.Random, cfg: WorldConfig = WorldConfig()) -> dict[s
             break
     name, _ = rng.choice(NAMES)
     item = rng.randrange(len(ITEMS))
-    return {"start": start, "ops": ops, "name": name, "item": ITEMS[item][1],
-            "phrasing": [rng.randrange(2) for _ in ops]}
+    world = {"start": start, "ops": ops, "name": name, "item": ITEMS[item][1],
+             "phrasing": [rng.randrange(2) for _ in ops]}
+    return {**world, "restate": True} if cfg.restate else world
+
+
+def _items(world: Mapping[str, Any]) -> tuple[str, str]:
+    plural = world.get("item", "coins")
+    return dict((p, s) for s, p in ITEMS).get(plural, plural), plural
+
+
+def op_sentence(world: Mapping[str, Any], i: int) -> str:
+    """The sentence telling operation `i`, capitalised, e.g. "He finds 5 more coins."."""
+    world = world_of(world)
+    singular, plural = _items(world)
+    op, n = world["ops"][i]
+    phrasing = world.get("phrasing") or [0] * len(world["ops"])
+    text = OP_PHRASES[op][phrasing[i] % 2].format(p=dict(NAMES).get(world.get("name", "Sam"), "they"), n=n,
+                                                  items=singular if n == 1 else plural, all=plural)
+    return text[0].upper() + text[1:]
 
 
 def render_problem(world: Mapping[str, Any]) -> str:
     """The word problem text of a structured world."""
     world = world_of(world)
     name = world.get("name", "Sam")
-    pronoun = dict(NAMES).get(name, "they")
-    plural = world.get("item", "coins")
-    singular = dict((p, s) for s, p in ITEMS).get(plural, plural)
-    phrasing = world.get("phrasing") or [0] * len(world["ops"])
+    singular, plural = _items(world)
     start = world["start"]
     parts = [f"{name} has {start} {singular if start == 1 else plural}."]
-    for i, (op, n) in enumerate(world["ops"]):
-        text = OP_PHRASES[op][phrasing[i] % 2].format(
-            p=pronoun, n=n, items=singular if n == 1 else plural, all=plural)
-        text = f"Then {text}" if i else text[0].upper() + text[1:]
-        parts.append(text)
+    for i in range(len(world["ops"])):
+        text = op_sentence(world, i)
+        parts.append(f"Then {text[0].lower()}{text[1:]}" if i else text)
     parts.append(f"How many {plural} does {name} have now?")
     return " ".join(parts)
 
@@ -206,30 +224,34 @@ def generate_problems(n: int, seed: int = 0, cfg: WorldConfig = WorldConfig(),
 
 # ---------------------------------------------------------------- solutions
 
-def format_step(a: int, op: str, b: int, c: int, answer: int | None = None) -> str:
+def format_step(a: int, op: str, b: int, c: int, answer: int | None = None, said: str | None = None) -> str:
+    """`a op b = c[. The answer is \\boxed{answer}.]`, after `said: ` (a restated sentence) if given."""
     step = f"{a} {op} {b} = {c}"
-    return step if answer is None else f"{step}. {ANSWER_TEXT.format(answer)}"
+    step = step if answer is None else f"{step}. {ANSWER_TEXT.format(answer)}"
+    return step if said is None else f"{said.rstrip('.')}: {step}"
+
+
+def _said(world: Mapping[str, Any], i: int) -> str | None:
+    """What the step applying operation `i` restates: its sentence in a restating world, else nothing."""
+    return op_sentence(world, i) if world.get("restate") else None
 
 
 def write_solution(world: Mapping[str, Any]) -> list[str]:
     """The reference solution: one step per operation, the last also stating the boxed answer."""
     world = world_of(world)
-    values = running_values(world)
-    ops = world["ops"]
-    return [format_step(values[i], op, b, values[i + 1], values[-1] if i == len(ops) - 1 else None)
-            for i, (op, b) in enumerate(ops)]
+    return _continue(world, world["start"], 0)
 
 
-def _continue(value: int, ops: Sequence[Sequence[Any]]) -> list[str] | None:
-    """Steps that apply `ops` correctly from `value` (possibly a wrong one), boxing the result at
-    the end; None when a value would leave the integers >= 0."""
-    steps = []
-    for i, (op, b) in enumerate(ops):
+def _continue(world: Mapping[str, Any], value: int, first: int) -> list[str] | None:
+    """Steps that apply operations first.. correctly from `value` (possibly a wrong one), boxing
+    the result at the end; None when a value would leave the integers >= 0."""
+    steps, ops = [], world["ops"]
+    for i in range(first, len(ops)):
+        op, b = ops[i]
         c = apply_op(value, op, b)
         if c is None or c < 0:
             return None
-        last = i == len(ops) - 1
-        steps.append(format_step(value, op, b, c, c if last else None))
+        steps.append(format_step(value, op, b, c, c if i == len(ops) - 1 else None, _said(world, i)))
         value = c
     return steps
 
@@ -256,10 +278,10 @@ def inject_error(world: Mapping[str, Any], kind: str, step: int, rng: random.Ran
     def wrong_steps(a2: int, op2: str, b2: int, c2: int | None) -> list[str] | None:
         if c2 is None or c2 < 0 or (a2, op2, b2, c2) == (a, op, b, values[step + 1]):
             return None
-        rest = _continue(c2, ops[step + 1:])
+        rest = _continue(world, c2, step + 1)
         if rest is None:
             return None
-        return [format_step(a2, op2, b2, c2, c2 if last else None)] + rest
+        return [format_step(a2, op2, b2, c2, c2 if last else None, _said(world, step))] + rest
 
     candidates: list[list[str] | None] = []
     if kind == "arithmetic":
@@ -278,7 +300,7 @@ def inject_error(world: Mapping[str, Any], kind: str, step: int, rng: random.Ran
         # Skipping the last operation, or one equal to the next, would not put the error here.
         if last or list(ops[step + 1]) == list(ops[step]):
             return None
-        candidates = [_continue(a, ops[step + 1:])]
+        candidates = [_continue(world, a, step + 1)]
     valid = [c for c in candidates if c is not None]
     if not valid:
         return None
@@ -290,14 +312,16 @@ def inject_error(world: Mapping[str, Any], kind: str, step: int, rng: random.Ran
 _NUM = r"(-?\d+)"
 _BOX = r"\\boxed\{\s*" + _NUM + r"\s*\}"
 _ANSWER = r"(?:the\s+(?:final\s+)?answer\s+is\s*:?\s*)?" + _BOX
-_EQ_RE = re.compile(r"^\s*" + _NUM + r"\s*([-+*/x×÷])\s*" + _NUM + r"\s*=\s*" + _NUM
+_SAID = r"(?:[^:=\n]*:\s*)?"  # an optional restated sentence before the equation
+_EQ_RE = re.compile(r"^\s*" + _SAID + _NUM + r"\s*([-+*/x×÷])\s*" + _NUM + r"\s*=\s*" + _NUM
                     + r"\s*(?:[.,;:]?\s*" + _ANSWER + r")?\s*\.?\s*$", re.IGNORECASE)
 _ANSWER_RE = re.compile(r"^\s*" + _ANSWER + r"\s*\.?\s*$", re.IGNORECASE)
 
 
 def parse_step(text: str) -> dict[str, Any] | None:
-    """{"a","op","b","c","answer"} for `a OP b = c[. The answer is \\boxed{d}.]`, {"answer": d} for a
-    bare answer statement, None for anything else."""
+    """{"a","op","b","c","answer"} for `[restated sentence: ]a OP b = c[. The answer is \\boxed{d}.]`,
+    {"answer": d} for a bare answer statement, None for anything else. A restated sentence is not
+    checked: the equation is what the step does."""
     m = _EQ_RE.match(text)
     if m:
         a, op, b, c, ans = m.groups()
