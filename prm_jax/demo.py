@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import random
+import sys
 import time
 import typing
 from collections.abc import Callable, Sequence
@@ -509,12 +510,12 @@ def run_demo(out: str, size: str = "tiny", judge: Judge = Judge(), seed: int = 0
              quiet: bool = False, assignments: Sequence[str] = ()) -> dict[str, Any]:
     """Run (or with `resume`, continue) the demo, its size changed by `assignments` (see `resize`);
     returns the report."""
+    demo = Demo(out, resize(SIZES[size], assignments), judge, seed, quiet)
     done_dir = os.path.join(out, "stages")
     if os.path.isdir(done_dir) and os.listdir(done_dir) and not resume:
         raise SystemExit(f"{out} already holds a demo run; pass --resume to continue it or choose a new --out")
     os.makedirs(done_dir, exist_ok=True)
     _compilation_cache(os.path.join(out, ".jax_cache"))
-    demo = Demo(out, resize(SIZES[size], assignments), judge, seed, quiet)
     settings = {"size": size, "judge": dataclasses.asdict(judge), "seed": seed}
     if assignments:
         settings["set"] = list(assignments)
@@ -569,5 +570,10 @@ def _run(args) -> int:
                       tokenizer=args.judge_tokenizer)
     else:
         judge = Judge(args.judge, error_rate=args.judge_error_rate)
+    try:
+        resize(SIZES[args.size], args.set)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     run_demo(args.out, args.size, judge, args.seed, args.resume, args.quiet, args.set)
     return 0

@@ -96,6 +96,15 @@ def test_demo_set_changes_the_size_and_rejects_bad_keys():
             resize(tiny, [bad])
 
 
+def test_demo_bad_set_is_refused_before_anything_is_written(tmp_path, capsys):
+    from prm_jax.cli import main
+
+    out = tmp_path / "run"
+    assert main(["demo", "--out", str(out), "--set", "policy_steps=many"]) == 2
+    assert "--set policy_steps: expected int, got 'many'" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_demo_resume_needs_the_same_set(tmp_path):
     """A run's --set is part of its settings: resuming with other values is refused before any
     stage runs, and Demo.load restores the changed size."""
