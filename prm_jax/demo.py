@@ -88,6 +88,7 @@ def resize(size: DemoSize, assignments: Sequence[str]) -> DemoSize:
 
     hints = typing.get_type_hints(DemoSize)
     plain = {name: hint for name, hint in hints.items() if name not in ("world", "world_overrides", "model")}
+    world_keys = {f.name for f in dataclasses.fields(WorldConfig)}
     changes, world, model = {}, dict(size.world_overrides), dict(size.model)
     for a in assignments:
         key, sep, text = (part.strip() for part in a.partition("="))
@@ -95,7 +96,7 @@ def resize(size: DemoSize, assignments: Sequence[str]) -> DemoSize:
             raise ValueError(f"--set {a!r}: expected key=value")
         value = yaml.safe_load(text)
         section, _, name = key.rpartition(".")
-        if section == "world" and name in {f.name for f in dataclasses.fields(WorldConfig)}:
+        if section == "world" and name in world_keys:
             world[name] = tuple(value) if isinstance(value, list) else value
         elif section == "model" and name in size.model:
             model[name] = _coerce(value, int, f"--set {key}")
