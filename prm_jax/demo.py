@@ -85,10 +85,11 @@ def resize(size: DemoSize, assignments: Sequence[str]) -> DemoSize:
     import yaml
 
     from prm_jax.toyworld.world import WorldConfig
+    from prm_jax.training.config import coerce
 
     hints = typing.get_type_hints(DemoSize)
     plain = {name: hint for name, hint in hints.items() if name not in ("world", "world_overrides", "model")}
-    world_keys = {f.name for f in dataclasses.fields(WorldConfig)}
+    world_hints = typing.get_type_hints(WorldConfig)
     changes, world, model = {}, dict(size.world_overrides), dict(size.model)
     for a in assignments:
         key, sep, text = (part.strip() for part in a.partition("="))
@@ -96,12 +97,12 @@ def resize(size: DemoSize, assignments: Sequence[str]) -> DemoSize:
             raise ValueError(f"--set {a!r}: expected key=value")
         value = yaml.safe_load(text)
         section, _, name = key.rpartition(".")
-        if section == "world" and name in world_keys:
-            world[name] = tuple(value) if isinstance(value, list) else value
+        if section == "world" and name in world_hints:
+            world[name] = coerce(value, world_hints[name], f"--set {key}")
         elif section == "model" and name in size.model:
-            model[name] = _coerce(value, int, f"--set {key}")
+            model[name] = coerce(value, int, f"--set {key}")
         elif not section and name in plain:
-            changes[name] = _coerce(value, plain[name], f"--set {key}")
+            changes[name] = coerce(value, plain[name], f"--set {key}")
         else:
             raise ValueError(f"--set {key}: unknown key; expected one of {', '.join(plain)}, world.<WorldConfig "
                              f"field> or model.<{'|'.join(size.model)}>")
@@ -111,19 +112,6 @@ def resize(size: DemoSize, assignments: Sequence[str]) -> DemoSize:
     except (TypeError, ValueError) as e:
         raise ValueError(f"--set world.*: {e}") from None
     return resized
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-        try:
-            return float(value)  # YAML reads 1e-3 as a string
-        except ValueError:
-            pass
-    if typing.get_origin(hint) is tuple and isinstance(value, list) and all(isinstance(v, int) for v in value):
-        return tuple(value)
-    if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
-        return value
-    raise ValueError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)

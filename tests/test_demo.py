@@ -89,7 +89,8 @@ def test_demo_set_changes_the_size_and_rejects_bad_keys():
     assert (size.policy_steps, size.lr, size.buckets) == (800, 0.001, (128, 192))
     assert size.world_overrides == {**tiny.world_overrides, "restate": True, "ops": ("+",)}
     assert size.model == {**tiny.model, "hidden_size": 128} and tiny.model["hidden_size"] == 64
-    for bad, message in (("policy_steps=1.5", "policy_steps: expected int"), ("bogus=1", "bogus: unknown key"),
+    for bad, message in (("policy_steps=1.5", "policy_steps: expected an integer"), ("bogus=1", "bogus: unknown key"),
+                         ("world.max_steps=x", "world.max_steps: expected an integer"),
                          ("world.bogus=1", "world.bogus: unknown key"), ("model.bogus=1", "unknown key"),
                          ("world.max_steps=0", "min_steps <= max_steps"), ("lr", "expected key=value")):
         with pytest.raises(ValueError, match=message):
@@ -101,7 +102,7 @@ def test_demo_bad_set_is_refused_before_anything_is_written(tmp_path, capsys):
 
     out = tmp_path / "run"
     assert main(["demo", "--out", str(out), "--set", "policy_steps=many"]) == 2
-    assert "--set policy_steps: expected int, got 'many'" in capsys.readouterr().err
+    assert "--set policy_steps: expected an integer, got 'many'" in capsys.readouterr().err
     assert not out.exists()
 
 

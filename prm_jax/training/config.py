@@ -85,8 +85,8 @@ class TrainConfig:
 _SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig}
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check/convert a YAML value to a field's annotated type; errors name the key."""
+def coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check/convert a YAML value to a field's annotated type; errors name the key (`where`)."""
     hint = annotation
     args = typing.get_args(hint)
     origin = typing.get_origin(hint)
@@ -98,7 +98,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, where)
+                return coerce(value, a, where)
             except ValueError as e:
                 errors.append(str(e))
         raise ValueError(errors[0] if errors else f"{where}: bad value {value!r}")
@@ -107,7 +107,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{where}: expected a list, got {value!r}")
-        return tuple(_coerce(v, args[0], where) for v in value)
+        return tuple(coerce(v, args[0], where) for v in value)
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{where}: expected a mapping, got {value!r}")
@@ -142,7 +142,7 @@ def _section(cls, values: dict[str, Any], where: str):
     for k, v in values.items():
         if k not in hints:
             raise ValueError(f"{where}: unknown key {k!r}; expected one of {', '.join(hints)}")
-        kw[k] = _coerce(v, hints[k], f"{where}.{k}")
+        kw[k] = coerce(v, hints[k], f"{where}.{k}")
     return cls(**kw)
 
 
