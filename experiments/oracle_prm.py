@@ -3,11 +3,12 @@ evaluation stages on the TRUE first errors of every solution the demo labelled, 
 the demo's consensus, MC and judge PRMs and the outcome-only baseline. An oracle PRM that cannot
 beat the baseline says the limit is the PRM's capacity or data volume, not label noise.
 
-    python experiments/oracle_prm.py --demo runs/demo [--problems N] [--steps S]
+    python experiments/oracle_prm.py --demo runs/demo [--problems N] [--steps S] [--batch B] [--set K=V ...]
 
 --problems N trains the oracle instead on the policy's samples for N fresh problems (disjoint from every
 set the demo drew; the demo's samples per problem each), --steps S for S steps instead of the demo's:
-does more data or more training, with perfect labels, make the PRM a verifier?
+does more data or more training, with perfect labels, make the PRM a verifier? --set changes any other
+field of the demo's size for the oracle, as `prm-jax demo --set` does (e.g. prm_class_balance=true).
 
 Writes DEMO/train_oracle.jsonl, DEMO/prm_oracle/, DEMO/eval_oracle/ and DEMO/bon_oracle/ (the
 demo's own files are left alone) and prints one table.
@@ -29,9 +30,11 @@ def main() -> None:
                     "train on the demo's own labelled solutions)")
     ap.add_argument("--steps", type=int, help="PRM training steps (default: the demo's)")
     ap.add_argument("--batch", type=int, help="PRM batch size (default: the demo's)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change a field of the demo's size for the oracle (repeatable), as `prm-jax demo --set`")
     args = ap.parse_args()
 
-    from prm_jax.demo import Demo
+    from prm_jax.demo import Demo, resize
     from prm_jax.labeling.consensus import training_record
     from prm_jax.records import read_jsonl, write_jsonl
     from prm_jax.toyworld.truth import true_first_errors
@@ -42,6 +45,10 @@ def main() -> None:
     demo = Demo.load(args.demo)
     changes = {"prm_steps": args.steps, "prm_batch": args.batch}
     demo.size = dataclasses.replace(demo.size, **{k: v for k, v in changes.items() if v})
+    try:
+        demo.size = resize(demo.size, args.set)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     solutions = read_jsonl(demo.path("solutions.jsonl"))
     if args.problems:
         solutions = sample_fresh(demo, args.problems)
@@ -59,7 +66,7 @@ def main() -> None:
         oracle = json.load(f)["subsets"]["toy"]
     n_wrong = sum(truth[r["id"]] not in (None, -1) for r in solutions)
     print(f"\nHeld-out first-error F1 ({prm['n_heldout']} solutions); the oracle trained {demo.size.prm_steps} steps "
-          f"of batch {demo.size.prm_batch}")
+          f"of batch {demo.size.prm_batch}" + (f", --set {' '.join(args.set)}" if args.set else ""))
     rows = [("PRM on TRUE labels of %d policy solutions (%d with an error)" % (len(solutions), n_wrong), oracle["f1"]),
             ("PRM on consensus labels", prm["f1"]), ("PRM on MC labels", prm["mc_f1"]),
             ("PRM on judge labels", prm["judge_f1"]), ("outcome-only baseline", prm["baseline_f1"])]

@@ -62,6 +62,7 @@ class DemoSize:
     policy_error_rate: float = 0.1  # share of the policy's training solutions with an injected error
     max_new_tokens: int = 96  # per sampled solution (rollouts, which continue a prefix, get 2/3 of it)
     buckets: tuple[int, ...] = (96, 128, 160)  # sequence buckets of the policy and PRM training
+    prm_class_balance: bool = False  # PRM loss: wrong and right steps weighted by inverse frequency
 
 
 SIZES = {
@@ -276,7 +277,8 @@ class Demo:
         if not read_jsonl(train_file):
             raise RuntimeError(f"{train_file} is empty: no solution survived labelling with {label_set!r}")
         self.train("prm", train_file, self.path(f"prm_{label_set}"), s.prm_steps, s.prm_lr,
-                   init=self.path("policy", "hf"), batch=s.prm_batch)
+                   init=self.path("policy", "hf"), batch=s.prm_batch,
+                   overrides=("class_balance=true",) if s.prm_class_balance else ())
 
     def stage_heldout(self) -> None:
         """Fresh policy samples on held-out problems, labelled by the truth; balanced between

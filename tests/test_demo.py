@@ -123,3 +123,19 @@ def test_demo_resume_needs_the_same_set(tmp_path):
     with pytest.raises(SystemExit, match="same options"):
         run_demo(out, "tiny", resume=True)
     assert Demo.load(out).size.policy_steps == 7
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_demo_prm_stage_passes_class_balance_to_train(tmp_path, balance):
+    """`--set prm_class_balance=true` reaches the PRM stage's `prm-jax train` as class_balance=true."""
+    from prm_jax.demo import SIZES, Demo, Judge, resize
+
+    size = resize(SIZES["tiny"], [f"prm_class_balance={str(balance).lower()}"])
+    demo = Demo(str(tmp_path), size, Judge(), seed=0, quiet=True)
+    with open(demo.path("train_mc.jsonl"), "w") as f:
+        f.write(json.dumps({"id": "a", "problem": "p", "steps": ["s"], "labels": [1]}) + "\n")
+    calls = []
+    demo.cli = lambda *argv: calls.append(argv)
+    demo.stage_prm("mc")
+    (argv,) = calls
+    assert argv[0] == "train" and ("class_balance=true" in argv) == balance
