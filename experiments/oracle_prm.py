@@ -77,7 +77,8 @@ def main() -> None:
 
 
 def sample_fresh(demo, n: int) -> list[dict]:
-    """The demo's policy's samples for `n` new problems of the demo's world (none seen by any of its sets)."""
+    """The demo's policy's samples for `n` new problems of the demo's world (none seen by any of its sets),
+    drawn as the demo drew the solutions it labelled."""
     from prm_jax.records import read_jsonl, write_jsonl
     from prm_jax.toyworld import world
 
@@ -91,7 +92,7 @@ def sample_fresh(demo, n: int) -> list[dict]:
     if os.path.exists(out):
         os.remove(out)  # `prm-jax sample` would continue an earlier file
     demo.sample(demo.path("data", "oracle_problems.jsonl"), out, demo.size.samples_per_problem, demo.seed + 5,
-                batch_size=256)
+                batch_size=256, temperature=demo.size.label_temperature)
     return read_jsonl(out)
 
 

@@ -63,6 +63,7 @@ class DemoSize:
     max_new_tokens: int = 96  # per sampled solution (rollouts, which continue a prefix, get 2/3 of it)
     buckets: tuple[int, ...] = (96, 128, 160)  # sequence buckets of the policy and PRM training
     prm_class_balance: bool = False  # PRM loss: wrong and right steps weighted by inverse frequency
+    label_temperature: float = 0.7  # the solutions to label (rollouts and held-out samples stay at 0.7)
 
 
 SIZES = {
@@ -173,10 +174,11 @@ class Demo:
             args.append("--quiet")
         self.cli(*args)
 
-    def sample(self, problems: str, out: str, n: int, seed: int, batch_size: int = 32) -> None:
+    def sample(self, problems: str, out: str, n: int, seed: int, batch_size: int = 32,
+               temperature: float = 0.7) -> None:
         """`prm-jax sample`: the policy's `n` solutions per problem, at the demo's sampling settings."""
         self.cli("sample", "--policy", self.path("policy", "hf"), "--problems", problems, "--out", out, "--n", n,
-                 "--temperature", 0.7, "--top-p", 1.0, "--max-new-tokens", self.size.max_new_tokens, "--seed", seed,
+                 "--temperature", temperature, "--top-p", 1.0, "--max-new-tokens", self.size.max_new_tokens, "--seed", seed,
                  "--batch-size", batch_size)
 
     # -- stages ------------------------------------------------------------------------------
@@ -223,7 +225,7 @@ class Demo:
 
     def stage_sample(self) -> None:
         self.sample(self.path("data", "label_problems.jsonl"), self.path("solutions.jsonl"),
-                    self.size.samples_per_problem, self.seed)
+                    self.size.samples_per_problem, self.seed, temperature=self.size.label_temperature)
 
     def stage_rollout(self) -> None:
         self.cli("rollout", "--policy", self.path("policy", "hf"), "--solutions", self.path("solutions.jsonl"),

@@ -139,3 +139,16 @@ def test_demo_prm_stage_passes_class_balance_to_train(tmp_path, balance):
     demo.stage_prm("mc")
     (argv,) = calls
     assert argv[0] == "train" and ("class_balance=true" in argv) == balance
+
+
+def test_demo_samples_the_label_set_at_label_temperature(tmp_path):
+    """`--set label_temperature=1.2` changes the temperature of the solutions to label, not of the held-out ones."""
+    from prm_jax.demo import SIZES, Demo, Judge, resize
+
+    demo = Demo(str(tmp_path), resize(SIZES["tiny"], ["label_temperature=1.2"]), Judge(), seed=0, quiet=True)
+    calls = []
+    demo.cli = lambda *argv: calls.append(argv)
+    demo.stage_sample()
+    demo.sample("heldout.jsonl", "out.jsonl", 2, seed=1)
+    temperatures = [argv[argv.index("--temperature") + 1] for argv in calls]
+    assert temperatures == [1.2, 0.7]
