@@ -80,8 +80,8 @@ def slips(model, tok, solutions_path: str, limit: int) -> None:
           "median log p(reference) - log p(written)")
     for reason, ms in sorted(margins.items(), key=lambda kv: -len(kv[1])) + [("all", sum(margins.values(), []))]:
         ms = sorted(ms)
-        slipped = sum(m > 0 for m in ms)
-        print(f"{reason:20s} {len(ms):5d} {100 * slipped / max(len(ms), 1):5.1f}%  {ms[len(ms) // 2] if ms else 0:+.2f}")
+        slipped, median = sum(m > 0 for m in ms), ms[len(ms) // 2] if ms else 0.0
+        print(f"{reason:20s} {len(ms):5d} {100 * slipped / max(len(ms), 1):5.1f}%  {median:+.2f}")
 
 
 def greedy_verifier(model, tok, heldout: list[dict]) -> None:

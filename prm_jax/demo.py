@@ -178,8 +178,8 @@ class Demo:
                temperature: float = 0.7) -> None:
         """`prm-jax sample`: the policy's `n` solutions per problem, at the demo's sampling settings."""
         self.cli("sample", "--policy", self.path("policy", "hf"), "--problems", problems, "--out", out, "--n", n,
-                 "--temperature", temperature, "--top-p", 1.0, "--max-new-tokens", self.size.max_new_tokens, "--seed", seed,
-                 "--batch-size", batch_size)
+                 "--temperature", temperature, "--top-p", 1.0, "--max-new-tokens", self.size.max_new_tokens,
+                 "--seed", seed, "--batch-size", batch_size)
 
     # -- stages ------------------------------------------------------------------------------
     def stage_world(self) -> None:
