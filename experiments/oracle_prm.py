@@ -16,7 +16,6 @@ demo's own files are left alone) and prints one table.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -43,10 +42,9 @@ def main() -> None:
     if not os.path.exists(report_path):
         sys.exit(f"{report_path} not found: run `prm-jax demo --out {args.demo}` to the end first")
     demo = Demo.load(args.demo)
-    changes = {"prm_steps": args.steps, "prm_batch": args.batch}
-    demo.size = dataclasses.replace(demo.size, **{k: v for k, v in changes.items() if v})
+    shorthands = [f"{key}={v}" for key, v in (("prm_steps", args.steps), ("prm_batch", args.batch)) if v]
     try:
-        demo.size = resize(demo.size, args.set)
+        demo.size = resize(demo.size, shorthands + args.set)
     except ValueError as e:
         sys.exit(f"error: {e}")
     solutions = read_jsonl(demo.path("solutions.jsonl"))

@@ -53,7 +53,7 @@ def slips(model, tok, solutions_path: str, limit: int) -> None:
     import torch
 
     from prm_jax.records import read_jsonl
-    from prm_jax.toyworld.world import check_steps, sample_solutions
+    from prm_jax.toyworld.world import check_steps, write_solution
 
     def step_logp(context: list[int], step: str) -> float:
         ids = torch.tensor([context + tok(step, add_special_tokens=False)["input_ids"]])
@@ -68,7 +68,7 @@ def slips(model, tok, solutions_path: str, limit: int) -> None:
         k = verdict.first_error
         if k is None or k < 0:
             continue
-        reference = sample_solutions([sol], error_rate=0.0)[0]["steps"]
+        reference = write_solution(sol)
         if k >= len(reference):
             continue
         context = context_ids(tok, sol, k)
@@ -91,11 +91,12 @@ def greedy_verifier(model, tok, heldout: list[dict]) -> None:
     from prm_jax.labeling.mc import default_stop_ids
     from prm_jax.labeling.steps import STEP_SEPARATOR
     from prm_jax.toyworld.truth import baseline_f1, processbench_f1
+    from prm_jax.toyworld.world import parse_step
 
     stops = default_stop_ids(tok)
 
-    def equation(step: str) -> str:  # a restating world's step is judged by what follows its colon
-        return step.rpartition(":")[2].strip()
+    def equation(step: str):  # what the world's checker judges (past a restated sentence); else the text
+        return parse_step(step) or step.strip()
 
     def greedy_step(context: list[int]) -> str:
         with torch.no_grad():
