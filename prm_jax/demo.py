@@ -64,6 +64,7 @@ class DemoSize:
     buckets: tuple[int, ...] = (96, 128, 160)  # sequence buckets of the policy and PRM training
     prm_class_balance: bool = False  # PRM loss: wrong and right steps weighted by inverse frequency
     label_temperature: float = 0.7  # the solutions to label (rollouts and held-out samples stay at 0.7)
+    policy_error_kinds: tuple[str, ...] = ()  # the kinds injected into its training solutions; () = all
 
 
 SIZES = {
@@ -86,7 +87,7 @@ def resize(size: DemoSize, assignments: Sequence[str]) -> DemoSize:
     one, `model.key=value` for a model one (values parsed as YAML: 800, 0.4, true, [128, 192])."""
     import yaml
 
-    from prm_jax.toyworld.world import WorldConfig
+    from prm_jax.toyworld.world import ERROR_KINDS, WorldConfig
     from prm_jax.training.config import coerce
 
     hints = typing.get_type_hints(DemoSize)
@@ -109,6 +110,9 @@ def resize(size: DemoSize, assignments: Sequence[str]) -> DemoSize:
             raise ValueError(f"--set {key}: unknown key; expected one of {', '.join(plain)}, world.<WorldConfig "
                              f"field> or model.<{'|'.join(size.model)}>")
     resized = dataclasses.replace(size, world_overrides=world, model=model, **changes)
+    unknown = [k for k in resized.policy_error_kinds if k not in ERROR_KINDS]
+    if unknown:
+        raise ValueError(f"--set policy_error_kinds: unknown error kind(s) {unknown}; expected some of {ERROR_KINDS}")
     try:  # a bad world fails here, not stages later
         WorldConfig.for_size(resized.world, **world)
     except (TypeError, ValueError) as e:
@@ -210,7 +214,8 @@ class Demo:
             json.dump({"preset": "tiny", **s.model, "vocab_size": vocab, "max_position_embeddings": 1024}, f)
         # The policy learns from reference solutions with a few injected errors, so that its own
         # samples go wrong in varied places; the critic from solutions with true verdicts.
-        policy = world.sample_solutions(problems["policy"], seed=seed, error_rate=s.policy_error_rate)
+        policy = world.sample_solutions(problems["policy"], seed=seed, error_rate=s.policy_error_rate,
+                                        kinds=s.policy_error_kinds or world.ERROR_KINDS)
         write_jsonl(self.path("data", "policy_train.jsonl"),
                     [{"id": r["id"], "problem": r["problem"], "steps": r["steps"]} for r in policy])
         examples = critic.critic_training_set(problems["critic"], template, seed=seed, error_rate=0.6)

@@ -92,7 +92,8 @@ def test_demo_set_changes_the_size_and_rejects_bad_keys():
     for bad, message in (("policy_steps=1.5", "policy_steps: expected an integer"), ("bogus=1", "bogus: unknown key"),
                          ("world.max_steps=x", "world.max_steps: expected an integer"),
                          ("world.bogus=1", "world.bogus: unknown key"), ("model.bogus=1", "unknown key"),
-                         ("world.max_steps=0", "min_steps <= max_steps"), ("lr", "expected key=value")):
+                         ("world.max_steps=0", "min_steps <= max_steps"), ("lr", "expected key=value"),
+                         ("policy_error_kinds=[typo]", "unknown error kind\\(s\\) \\['typo'\\]")):
         with pytest.raises(ValueError, match=message):
             resize(tiny, [bad])
 
@@ -152,3 +153,24 @@ def test_demo_samples_the_label_set_at_label_temperature(tmp_path):
     demo.sample("heldout.jsonl", "out.jsonl", 2, seed=1)
     temperatures = [argv[argv.index("--temperature") + 1] for argv in calls]
     assert temperatures == [1.2, 0.7]
+
+
+@pytest.mark.parametrize("kinds", [(), ("wrong_operation",)])
+def test_demo_policy_learns_only_the_chosen_error_kinds(tmp_path, kinds):
+    """`--set policy_error_kinds=[...]` restricts the errors injected into the policy's training
+    solutions (read back by the world's checker); the default injects every kind."""
+    from prm_jax.demo import SIZES, Demo, Judge, resize
+    from prm_jax.records import read_jsonl
+    from prm_jax.toyworld.world import check_steps
+
+    size = resize(SIZES["tiny"], ["policy_problems=300", "policy_error_rate=0.5", "critic_problems=10",
+                                  f"policy_error_kinds={list(kinds)}"])
+    demo = Demo(str(tmp_path), size, Judge(), seed=0, quiet=True)
+    demo.stage_world()
+    problems = {p["id"]: p for p in read_jsonl(demo.path("data", "policy_problems.jsonl"))}
+    reasons = set()
+    for r in read_jsonl(demo.path("data", "policy_train.jsonl")):
+        verdict = check_steps(problems[r["id"].rpartition("-s")[0]], r["steps"])
+        reasons.add(verdict.reason or "right")
+    assert reasons == ({"right", "wrong_operation"} if kinds else
+                       {"right", "arithmetic", "wrong_operand", "wrong_operation", "wrong_carry"})
