@@ -289,18 +289,25 @@ class Demo:
 
     def stage_heldout(self) -> None:
         """Fresh policy samples on held-out problems, labelled by the truth; balanced between
-        correct and erroneous solutions, topped up with the world's reference or injected-error
-        solutions when the policy gives too few of one kind."""
+        correct and erroneous solutions. Too few erroneous ones (a strong policy): more of the
+        policy's own samples first, so that the errors stay the policy's; then, for either kind,
+        the world's reference or injected-error solutions."""
         from prm_jax.toyworld import world
 
         samples = self.path("heldout_samples.jsonl")
-        self.sample(self.path("data", "heldout_problems.jsonl"), samples, self.size.bon_n, self.seed + 1)
+        problem_file = self.path("data", "heldout_problems.jsonl")
+        self.sample(problem_file, samples, self.size.bon_n, self.seed + 1)
         records = [r for r in map(world.processbench_record, read_jsonl(samples)) if r is not None]
         rng = random.Random(self.seed)
         wrong = [r for r in records if r["label"] >= 0]
         right = [r for r in records if r["label"] < 0]
         want = max(len(records) // 2, 8)
-        problems = read_jsonl(self.path("data", "heldout_problems.jsonl"))
+        if len(wrong) < want:
+            more = self.path("heldout_more_samples.jsonl")  # not Best-of-N's: that keeps bon_n per problem
+            self.sample(problem_file, more, 4 * self.size.bon_n, self.seed + 4)
+            extra = [r for r in map(world.processbench_record, read_jsonl(more)) if r is not None and r["label"] >= 0]
+            wrong += [{**r, "id": f"{r['id']}-more"} for r in extra][: want - len(wrong)]
+        problems = read_jsonl(problem_file)
         if len(right) < want:
             extra = world.sample_solutions(problems, seed=self.seed + 2, error_rate=0.0)
             right += [world.processbench_record(r) for r in extra][: want - len(right)]
