@@ -294,10 +294,13 @@ class Demo:
         the world's reference or injected-error solutions."""
         from prm_jax.toyworld import world
 
+        def labelled(path: str) -> list[dict]:
+            return [r for r in map(world.processbench_record, read_jsonl(path)) if r is not None]
+
         samples = self.path("heldout_samples.jsonl")
         problem_file = self.path("data", "heldout_problems.jsonl")
         self.sample(problem_file, samples, self.size.bon_n, self.seed + 1)
-        records = [r for r in map(world.processbench_record, read_jsonl(samples)) if r is not None]
+        records = labelled(samples)
         rng = random.Random(self.seed)
         wrong = [r for r in records if r["label"] >= 0]
         right = [r for r in records if r["label"] < 0]
@@ -305,8 +308,8 @@ class Demo:
         if len(wrong) < want:
             more = self.path("heldout_more_samples.jsonl")  # not Best-of-N's: that keeps bon_n per problem
             self.sample(problem_file, more, 4 * self.size.bon_n, self.seed + 4)
-            extra = [r for r in map(world.processbench_record, read_jsonl(more)) if r is not None and r["label"] >= 0]
-            wrong += [{**r, "id": f"{r['id']}-more"} for r in extra][: want - len(wrong)]
+            extra = [{**r, "id": f"{r['id']}-more"} for r in labelled(more) if r["label"] >= 0]
+            wrong += extra[: want - len(wrong)]
         problems = read_jsonl(problem_file)
         if len(right) < want:
             extra = world.sample_solutions(problems, seed=self.seed + 2, error_rate=0.0)
