@@ -147,8 +147,8 @@ def test_custom_template_file(tmp_path):
 
 def test_bad_solution_lines_name_file_and_line(tmp_path):
     p = tmp_path / "s.jsonl"
-    p.write_text('{"id": 1, "problem": "p", "steps": ["a"]}\n{"id": 2, "problem": "p", "steps": []}\n')
-    with pytest.raises(RecordError, match=r"s\.jsonl:2: key 'steps' should be a non-empty list"):
+    p.write_text('{"id": 1, "problem": "p", "steps": ["a"]}\n{"id": 2, "problem": "p", "steps": ["b", 3]}\n')
+    with pytest.raises(RecordError, match=r"s\.jsonl:2: key 'steps' should be a list of strings"):
         read_solutions(str(p))
     p.write_text('{"id": 1, "problem": "p", "steps": ["a"]}\n{"id": 1, "problem": "p", "steps": ["b"]}\n')
     with pytest.raises(RecordError, match=r"s\.jsonl:2: duplicate id 1"):
@@ -375,6 +375,24 @@ def test_cli_sglang_takes_model_name_from_server(tmp_path, toy_tokenizer_dir, ca
     assert rc == 0 and "3 judged" in printed and "requests: 3 sent" in printed
     recs = read_out(out)
     assert {r["judge"]["model"] for r in recs} == {"fixture-judge"}
+    assert all(r["judge"]["first_error"] == truth[r["id"]] for r in recs)
+
+
+def test_cli_leaves_out_solutions_with_no_steps(tmp_path, toy_tokenizer_dir, capsys):
+    """A policy that wrote nothing: no request for it, no record, the rest judged."""
+    sols, truth = make_solutions(3)
+    src = tmp_path / "solutions.jsonl"
+    src.write_text("".join(json.dumps(s.record) + "\n" for s in sols)
+                   + json.dumps({"id": 99, "problem": "p", "steps": []}) + "\n")
+    out = tmp_path / "out.jsonl"
+    with JudgeFixture() as fx:
+        rc = commands.main(["judge", "--api", "sglang", "--endpoint", fx.url, "--tokenizer", toy_tokenizer_dir,
+                            "--solutions", str(src), "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "1 solutions with no steps left out" in printed and "solutions.jsonl:4" in printed
+    assert "requests: 3 sent" in printed
+    recs = read_out(out)
+    assert sorted(r["id"] for r in recs) == sorted(truth)
     assert all(r["judge"]["first_error"] == truth[r["id"]] for r in recs)
 
 

@@ -100,6 +100,10 @@ async def _judge(args) -> int:
 
     template = load_template(args.template)
     solutions = read_solutions(args.solutions)
+    empty = [s for s in solutions if not s.record["steps"]]
+    if empty:
+        solutions = [s for s in solutions if s.record["steps"]]
+        print(f"{len(empty)} solutions with no steps left out (nothing to judge), e.g. {empty[0].where}")
     client, model = _make_client(args)
     async with client:
         if args.api == "sglang" and not model:

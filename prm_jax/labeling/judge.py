@@ -251,14 +251,15 @@ class Solution:
 
 
 def read_solutions(path: str) -> list[Solution]:
-    """Solution records; each needs an id, a problem string and a non-empty list of string steps."""
+    """Solution records; each needs an id, a problem string and a list of string steps (empty when
+    the policy wrote nothing: `prm-jax judge` leaves those out, as there is nothing to judge)."""
     out, seen = [], {}
     for line in iter_lines(path):
         rid = line.get("id", (str, int))
         line.get("problem", str)
         steps = line.get("steps", list)
-        if not steps or not all(isinstance(s, str) for s in steps):
-            raise RecordError(f"{line.where()}: key 'steps' should be a non-empty list of strings")
+        if not all(isinstance(s, str) for s in steps):
+            raise RecordError(f"{line.where()}: key 'steps' should be a list of strings")
         if rid in seen:
             raise RecordError(f"{line.where()}: duplicate id {rid!r} (first at line {seen[rid]})")
         seen[rid] = line.lineno
