@@ -3,7 +3,9 @@
 --resume, so an interrupted sweep picks up where it stopped) and prints one row per seed: the
 policy's share of fully correct solutions, each label source's first-error accuracy against the
 truth, and each PRM's held-out first-error F1 with its two accuracies beside the outcome-only
-baseline's. The last line counts the seeds where the consensus PRM beats the baseline.
+baseline's. The last lines count the seeds where the consensus labels are more accurate than MC labels by
+over 10 points (what the tiny demo's test asserts) or than the judge's, and where the consensus PRM
+beats the baseline.
 
     python experiments/demo_seeds.py --out runs/demo_seeds --seeds 0-4 [--size tiny] [--set KEY=VALUE ...]
 
@@ -61,7 +63,7 @@ def main() -> None:
           "held-out F1 (error acc / correct acc), %")
     print(f"{'seed':>4} {'time s':>6} {'policy ok%':>10} | {'mc':>4} {'judge':>5} {'cons':>5} | "
           + " | ".join(f"{name + ' PRM':>15}" for name, _ in prms) + f" | {'baseline':>15}", flush=True)
-    beats = []
+    beats, over_mc, over_judge = [], [], []
     for seed in seed_list(args.seeds):
         r = run_seed(args.out, args.size, seed, args.set)
         lq, prm = r["label_quality"], r["prm"]
@@ -71,6 +73,11 @@ def main() -> None:
               f"{pct(lq['mc']['first_error_accuracy'])} {pct(lq['judge']['first_error_accuracy']):>5} "
               f"{pct(lq['consensus']['first_error_accuracy']):>5} | " + " | ".join(f"{c:>15}" for c in cells), flush=True)
         beats.append(prm["f1"] > prm["baseline_f1"])
+        acc = {src: lq[src]["first_error_accuracy"] for src in ("mc", "judge", "consensus")}
+        over_mc.append(acc["consensus"] > acc["mc"] + 0.1)
+        over_judge.append(acc["consensus"] > acc["judge"])
+    print(f"consensus labels beat MC labels by over 10 points on {sum(over_mc)} of {len(over_mc)} seeds, "
+          f"the judge's on {sum(over_judge)}")
     print(f"consensus PRM beats the outcome-only baseline on {sum(beats)} of {len(beats)} seeds")
 
 
