@@ -82,9 +82,9 @@ def test_demo_consensus_labels_beat_mc_labels(demo_out):
     """The paper's lesson, measured against the truth: MC labels alone are noisy, and keeping only the
     solutions where the judge agrees with MC on the first error makes them right far more often.
     Recomputed here from the labelled files and the world's checker. (Against the judge alone the
-    margin is a few points either way, and whether the consensus PRM beats the outcome-only baseline
-    turns, at tiny size, on the PRMs' flag rate, as its PRM cannot check a step's arithmetic: both are
-    reported, not asserted; see experiments/README.md.)"""
+    margin was -4 to +21 points over ten runs, and whether the consensus PRM beats the outcome-only
+    baseline turns, at tiny size, on the PRMs' flag rate, as its PRM cannot check a step's arithmetic:
+    both are reported, not asserted; see experiments/README.md.)"""
     from prm_jax.records import read_jsonl
     from prm_jax.toyworld.world import check_steps
 
