@@ -93,7 +93,7 @@ def test_demo_consensus_labels_beat_mc_labels(demo_out):
     truth = {r["id"]: check_steps(r["world"], r["steps"]).first_error
              for r in read_jsonl(os.path.join(demo_out, "solutions.jsonl"))}
 
-    def labels_first_error(r):
+    def labels_first_error(r):  # written out, not prm_jax.toyworld.truth's: the report uses that one
         return next((i for i, y in enumerate(r["labels"]) if y < 0.5), -1)
 
     acc = {

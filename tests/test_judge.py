@@ -363,17 +363,20 @@ def test_kill9_then_restart_completes_the_set(tmp_path):
         assert again.returncode == 0 and "0 sent" in again.stdout and f"{n} already done" in again.stdout
 
 
+def judge_cli(tmp_path, tokenizer_dir, capsys, records) -> tuple[int, str, list[dict]]:
+    """`prm-jax judge --api sglang` on `records` against the fixture: (exit code, stdout, records out)."""
+    src, out = tmp_path / "solutions.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with JudgeFixture() as fx:
+        rc = commands.main(["judge", "--api", "sglang", "--endpoint", fx.url, "--tokenizer", tokenizer_dir,
+                            "--solutions", str(src), "--out", str(out), "--no-progress"])
+    return rc, capsys.readouterr().out, read_out(out)
+
+
 def test_cli_sglang_takes_model_name_from_server(tmp_path, toy_tokenizer_dir, capsys):
     sols, truth = make_solutions(3)
-    src = tmp_path / "solutions.jsonl"
-    src.write_text("".join(json.dumps(s.record) + "\n" for s in sols))
-    out = tmp_path / "out.jsonl"
-    with JudgeFixture() as fx:
-        rc = commands.main(["judge", "--api", "sglang", "--endpoint", fx.url, "--tokenizer", toy_tokenizer_dir,
-                            "--solutions", str(src), "--out", str(out), "--no-progress"])
-    printed = capsys.readouterr().out
+    rc, printed, recs = judge_cli(tmp_path, toy_tokenizer_dir, capsys, [s.record for s in sols])
     assert rc == 0 and "3 judged" in printed and "requests: 3 sent" in printed
-    recs = read_out(out)
     assert {r["judge"]["model"] for r in recs} == {"fixture-judge"}
     assert all(r["judge"]["first_error"] == truth[r["id"]] for r in recs)
 
@@ -381,17 +384,10 @@ def test_cli_sglang_takes_model_name_from_server(tmp_path, toy_tokenizer_dir, ca
 def test_cli_leaves_out_solutions_with_no_steps(tmp_path, toy_tokenizer_dir, capsys):
     """A policy that wrote nothing: no request for it, no record, the rest judged."""
     sols, truth = make_solutions(3)
-    src = tmp_path / "solutions.jsonl"
-    src.write_text("".join(json.dumps(s.record) + "\n" for s in sols)
-                   + json.dumps({"id": 99, "problem": "p", "steps": []}) + "\n")
-    out = tmp_path / "out.jsonl"
-    with JudgeFixture() as fx:
-        rc = commands.main(["judge", "--api", "sglang", "--endpoint", fx.url, "--tokenizer", toy_tokenizer_dir,
-                            "--solutions", str(src), "--out", str(out), "--no-progress"])
-    printed = capsys.readouterr().out
+    empty = {"id": 99, "problem": "p", "steps": []}
+    rc, printed, recs = judge_cli(tmp_path, toy_tokenizer_dir, capsys, [s.record for s in sols] + [empty])
     assert rc == 0 and "1 solutions with no steps left out" in printed and "solutions.jsonl:4" in printed
     assert "requests: 3 sent" in printed
-    recs = read_out(out)
     assert sorted(r["id"] for r in recs) == sorted(truth)
     assert all(r["judge"]["first_error"] == truth[r["id"]] for r in recs)
 
