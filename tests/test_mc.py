@@ -122,17 +122,25 @@ def test_binary_is_logarithmic_and_exact(k):
     assert len(pol_all.probes) == k * (k + 1)
 
 
-def test_answer_already_in_prefix_counts():
-    # From the last step of a finished solution the policy just stops: the trajectory's answer is
-    # the one in the prefix, so those rollouts succeed.
-    sols = [{"id": "x", "problem": "p", "answer": "\\frac{1}{2}",
-             "steps": ["half of 1", "so the answer is $\\boxed{0.5}$"]}]
+def test_last_step_of_finished_solution_counts_its_own_answer():
+    # The last prefix of a finished solution is the whole trajectory: it is not rolled out, and its
+    # count is N if its own final answer is right. This policy, asked to go on, boxes 2 whatever it
+    # is given, which would turn both solutions' last-step labels around.
+    sols = [{"id": "right", "problem": "p", "answer": "\\frac{1}{2}",
+             "steps": ["half of 1", "so the answer is $\\boxed{0.5}$"]},
+            {"id": "wrong", "problem": "p", "answer": "2", "steps": ["one and one", "so $\\boxed{3}$"]},
+            {"id": "cut", "problem": "p", "answer": "2", "steps": ["one and one", "so it is"]}]  # no answer
+    asked = []
 
-    def stop_at_once(requests, n):
-        return [["" for _ in range(n)] for _ in requests]
+    def boxes_two(requests, n):
+        asked.extend(r.key for r in requests)
+        return [["\\boxed{2}"] * n for _ in requests]
 
-    mc = label_solutions(sols, stop_at_once, MCConfig(n=4, mode="all"), grade=grade_inprocess)[0]
-    assert mc["correct"] == [0, 4] and mc["first_error"] == 0
+    mc = label_solutions(sols, boxes_two, MCConfig(n=4, mode="all", max_prefixes=2), grade=grade_inprocess)
+    assert [m["correct"] for m in mc] == [[0, 4], [4, 0], [4, 4]]
+    assert [m["first_error"] for m in mc] == [0, 1, -1]
+    assert sorted(asked) == ["cut/0", "cut/1", "right/0", "wrong/0"]
+    assert [m["rollouts"] for m in mc] == [4, 4, 8]
 
 
 def test_empty_solution_and_chunking():

@@ -19,8 +19,11 @@ Modes (K steps):
   first_error on) — `hard_labels` fills them in that way.
 
 What a rollout "reaches": the final answer of the whole trajectory, i.e. the last answer in
-steps[:i+1] + continuation. A continuation that only closes a finished solution (the prefix
-already holds the boxed answer) thus keeps that answer, as the completed text would.
+steps[:i+1] + continuation, so a continuation that adds nothing keeps the prefix's answer. The
+last prefix of a finished solution (one with a final answer) is the whole trajectory, so it is not
+rolled out: its count is N if that answer is right, else 0. Asked to go on past its own final
+answer, a policy writes steps it was never trained to write (a toy policy starts a new step and
+boxes another number), which would label the last step of a right solution wrong.
 
 The policy is any callable `policy(requests, n) -> [n completion texts per request]`, so tests
 can script it; `SamplerPolicy` is the real one on top of `prm_jax.sampling.sampler`.
@@ -139,14 +142,21 @@ def label_solutions(solutions: Sequence[dict[str, Any]], policy: Policy, cfg: MC
         for (j, i), c in zip(todo, counts):
             states[j].update(i, c <= cfg.threshold)
     out = []
-    for st in states:
-        evaluated = sum(c is not None for c in st.counts)
+    for sol, st in zip(solutions, states):
+        rolled = sum(c is not None and finished_answer(sol, i) is None for i, c in enumerate(st.counts))
         fe = st.first_error
         if cfg.mode == "all":
             fe = next((i for i, c in enumerate(st.counts) if c <= cfg.threshold), -1)
         out.append({"n": cfg.n, "correct": st.counts, "first_error": fe, "mode": cfg.mode,
-                    "threshold": cfg.threshold, "rollouts": evaluated * cfg.n})
+                    "threshold": cfg.threshold, "rollouts": rolled * cfg.n})
     return out
+
+
+def finished_answer(solution: dict[str, Any], i: int) -> str | None:
+    """The solution's final answer if step i is its last and the solution has one (the prefix is
+    then the whole trajectory, and nothing is rolled out from it); None otherwise."""
+    steps = solution["steps"]
+    return grading.extract_answer(join_steps(steps)) if i == len(steps) - 1 else None
 
 
 def _count_correct(solutions, todo, policy: Policy, cfg: MCConfig, grade: GradeFn) -> list[int]:
@@ -154,20 +164,29 @@ def _count_correct(solutions, todo, policy: Policy, cfg: MCConfig, grade: GradeF
     counts: list[int] = []
     for start in range(0, len(todo), cfg.max_prefixes):
         chunk = todo[start:start + cfg.max_prefixes]
+        finished = [finished_answer(solutions[j], i) for j, i in chunk]
+        rolled = [(j, i) for (j, i), answer in zip(chunk, finished) if answer is None]
         requests = [RolloutRequest(f"{solutions[j]['id']}/{i}", solutions[j]["problem"],
-                                   tuple(solutions[j]["steps"][:i + 1])) for j, i in chunk]
-        completions = policy(requests, cfg.n)
+                                   tuple(solutions[j]["steps"][:i + 1])) for j, i in rolled]
+        completions = policy(requests, cfg.n) if requests else []
         if len(completions) != len(requests) or any(len(c) != cfg.n for c in completions):
             raise ValueError(f"policy returned {[len(c) for c in completions]} completions for "
                              f"{len(requests)} requests of n={cfg.n}")
         preds, golds = [], []
-        for req, (j, _), outs in zip(requests, chunk, completions):
+        for req, (j, _), outs in zip(requests, rolled, completions):
             head = join_steps(req.steps) + "\n\n"
             for text in outs:
                 preds.append(grading.extract_answer(head + text))
                 golds.append(str(solutions[j]["answer"]))
+        for (j, _), answer in zip(chunk, finished):
+            if answer is not None:
+                preds.append(answer)
+                golds.append(str(solutions[j]["answer"]))
         ok = grade(preds, golds)
-        counts.extend(sum(ok[r * cfg.n:(r + 1) * cfg.n]) for r in range(len(chunk)))
+        rolled_counts = iter(sum(ok[r * cfg.n:(r + 1) * cfg.n]) for r in range(len(rolled)))
+        finished_ok = iter(ok[len(rolled) * cfg.n:])
+        counts.extend(next(rolled_counts) if answer is None else cfg.n * int(next(finished_ok))
+                      for answer in finished)
     return counts
 
 

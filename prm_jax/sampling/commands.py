@@ -43,7 +43,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("rollout", help="Monte-Carlo step labels: N rollouts from every step prefix",
                        description="For every solution and step i, let the policy finish N times from "
-                                   "problem + steps[:i+1] and count the rollouts reaching the gold answer; "
+                                   "problem + steps[:i+1] and count the rollouts reaching the gold answer (a finished "
+                                   "solution's last step counts its own answer, N times or none); "
                                    "writes solution + mc records; resumable.")
     p.add_argument("--policy", required=True, help="policy directory (HF Qwen2ForCausalLM + tokenizer)")
     p.add_argument("--solutions", required=True, help='solution records (JSONL with "id","problem","answer","steps")')
