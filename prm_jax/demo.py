@@ -62,6 +62,7 @@ class DemoSize:
     policy_error_rate: float = 0.1  # share of the policy's training solutions with an injected error
     max_new_tokens: int = 96  # per sampled solution (rollouts, which continue a prefix, get 2/3 of it)
     buckets: tuple[int, ...] = (96, 128, 160)  # sequence buckets of the policy and PRM training
+    critic_buckets: tuple[int, ...] = (256, 320, 384)  # the critic's (its examples hold a critique too)
     prm_class_balance: bool = False  # PRM loss: wrong and right steps weighted by inverse frequency
     label_temperature: float = 0.7  # the solutions to label (rollouts and held-out samples stay at 0.7)
     policy_error_kinds: tuple[str, ...] = ()  # the kinds injected into its training solutions; () = all
@@ -74,11 +75,16 @@ SIZES = {
                      policy_problems=3000, policy_steps=300, policy_batch=16, critic_problems=600, critic_steps=150,
                      label_problems=48, samples_per_problem=4, rollouts=6, prm_steps=80, prm_batch=16, heldout_problems=32,
                      bon_n=4),
-    "small": DemoSize(world="small", world_overrides={}, model=dict(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
-                                                num_kv_heads=2), vocab_size=1024,
-                      policy_problems=8000, policy_steps=1500, policy_batch=32, critic_problems=2000,
-                      critic_steps=800, label_problems=160, samples_per_problem=4, rollouts=8, prm_steps=400, prm_batch=16,
-                      heldout_problems=96, bon_n=8),
+    # The recipe whose PRMs learn to check steps (experiments/README.md, demo_seeds.py): each step
+    # restates the sentence it applies, the policy is taught the errors a PRM of this size can learn
+    # to find (wrong operations, skipped steps), and 8x the labels train PRMs in batches of 64.
+    "small": DemoSize(world="tiny", world_overrides=dict(max_start=9, max_operand=5, max_value=9, restate=True),
+                      model=dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2),
+                      vocab_size=1024, policy_problems=3000, policy_steps=800, policy_batch=16, critic_problems=600,
+                      critic_steps=600, label_problems=400, samples_per_problem=4, rollouts=6, prm_steps=300,
+                      prm_batch=64, heldout_problems=100, bon_n=4, policy_error_rate=0.4,
+                      policy_error_kinds=("wrong_operation", "skipped_step"), max_new_tokens=128,
+                      buckets=(112, 128, 144), critic_buckets=(160, 192, 224)),
 }
 
 
@@ -243,7 +249,7 @@ class Demo:
             return
         s = self.size
         self.train("lm", self.path("data", "critic_train.jsonl"), self.path("critic"), s.critic_steps, s.lr,
-                   system_prompt=None, batch=16, buckets=(256, 320, 384))
+                   system_prompt=None, batch=16, buckets=s.critic_buckets)
 
     def stage_judge(self) -> None:
         from prm_jax.toyworld import critic
@@ -375,6 +381,12 @@ def _load_json(path: str) -> Any:
         return json.load(f)
 
 
+def _world_text(world: dict[str, Any]) -> str:
+    """`tiny` (max_start=9, ..., restate=True): the preset and what the size changes in it."""
+    changes = ", ".join(f"{k}={v}" for k, v in world.items() if k != "preset")
+    return f"`{world['preset']}`" + (f" ({changes})" if changes else "")
+
+
 def build_report(demo: Demo) -> dict[str, Any]:
     from prm_jax.toyworld import truth as T
     from prm_jax.toyworld.world import check_steps
@@ -385,7 +397,9 @@ def build_report(demo: Demo) -> dict[str, Any]:
     graded = [check_steps(s, s["steps"]) for s in solutions]
     judge_name = "critic" if demo.judge.kind == "critic" else demo.judge.kind
     report: dict[str, Any] = {
-        "size": demo.size.world,
+        "size": _load_json(p(SETTINGS_FILE))["size"],
+        "world": {"preset": demo.size.world, **demo.size.world_overrides},
+        "seed": demo.seed,
         "judge": judge_name + (f" (error rate {demo.judge.error_rate})" if demo.judge.kind == "simulated" else ""),
         "policy": {
             "solutions": len(solutions),
@@ -453,7 +467,8 @@ def write_markdown(report: dict[str, Any], path: str) -> None:
     pol, cons = report["policy"], report["consensus"]
     text = [
         "# prm-jax demo report", "",
-        f"Toy world size `{report['size']}`; judge: {report['judge']}.", "",
+        f"Demo size `{report['size']}`, seed {report['seed']}; toy world {_world_text(report['world'])}; "
+        f"judge: {report['judge']}.", "",
         f"The policy wrote {pol['solutions']} solutions: {_fmt(pol['final_answer_accuracy'], True)}% reach the "
         f"right answer, {_fmt(pol['process_correct'], True)}% are right at every step.", "",
         f"Consensus kept {cons.get('kept')} of {cons.get('kept', 0) + cons.get('dropped', 0)} solutions "
@@ -554,7 +569,9 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="the whole recipe end to end on a toy world whose truth is known",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="run directory (every stage writes its files here)")
-    p.add_argument("--size", choices=tuple(SIZES), default="tiny")
+    p.add_argument("--size", choices=tuple(SIZES), default="tiny",
+                   help="tiny: the whole pipeline in ~3 min on 2 CPU cores; small: the recipe whose PRMs learn to "
+                        "check steps, ~6 min")
     p.add_argument("--resume", action="store_true", help="continue a stopped run from its last finished stage")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--judge", choices=("critic", "simulated"), default="critic",

@@ -180,6 +180,20 @@ def test_demo_prm_stage_passes_class_balance_to_train(tmp_path, balance):
     assert argv[0] == "train" and ("class_balance=true" in argv) == balance
 
 
+def test_demo_sizes_are_valid_and_the_critic_trains_in_its_buckets(tmp_path):
+    """Every size passes resize's checks unchanged; the critic's buckets come from the size."""
+    from prm_jax.demo import SIZES, Demo, Judge, resize
+
+    for name, size in SIZES.items():
+        assert resize(size, []) == size, name
+    demo = Demo(str(tmp_path), resize(SIZES["small"], ["critic_buckets=[160, 200]"]), Judge(), seed=0, quiet=True)
+    calls = []
+    demo.cli = lambda *argv: calls.append(argv)
+    demo.stage_critic()
+    (argv,) = calls
+    assert argv[0] == "train" and "buckets=[160, 200]" in argv and "max_length=200" in argv
+
+
 def test_demo_samples_the_label_set_at_label_temperature(tmp_path):
     """`--set label_temperature=1.2` changes the temperature of the solutions to label, not of the held-out ones."""
     from prm_jax.demo import SIZES, Demo, Judge, resize
