@@ -64,7 +64,8 @@ class DemoSize:
     buckets: tuple[int, ...] = (96, 128, 160)  # sequence buckets of the policy and PRM training
     critic_buckets: tuple[int, ...] = (256, 320, 384)  # the critic's (its examples hold a critique too)
     prm_class_balance: bool = False  # PRM loss: wrong and right steps weighted by inverse frequency
-    label_temperature: float = 0.7  # the solutions to label (rollouts and held-out samples stay at 0.7)
+    label_temperature: float = 0.7  # the solutions to label (held-out samples stay at 0.7)
+    rollout_temperature: float = 0.7  # MC rollouts: hotter makes the completer less reliable, MC noisier
     policy_error_kinds: tuple[str, ...] = ()  # the kinds injected into its training solutions; () = all
 
 
@@ -240,7 +241,8 @@ class Demo:
 
     def stage_rollout(self) -> None:
         self.cli("rollout", "--policy", self.path("policy", "hf"), "--solutions", self.path("solutions.jsonl"),
-                 "--out", self.path("mc.jsonl"), "--n", self.size.rollouts, "--mode", "all", "--temperature", 0.7,
+                 "--out", self.path("mc.jsonl"), "--n", self.size.rollouts, "--mode", "all",
+                 "--temperature", self.size.rollout_temperature,
                  "--top-p", 1.0, "--max-new-tokens", 2 * self.size.max_new_tokens // 3, "--seed", self.seed,
                  "--batch-size", 32, "--max-prefixes", 128)
 

@@ -207,6 +207,17 @@ def test_demo_samples_the_label_set_at_label_temperature(tmp_path):
     assert temperatures == [1.2, 0.7]
 
 
+def test_demo_rolls_out_at_rollout_temperature(tmp_path):
+    from prm_jax.demo import SIZES, Demo, Judge, resize
+
+    demo = Demo(str(tmp_path), resize(SIZES["tiny"], ["rollout_temperature=1.3"]), Judge(), seed=0, quiet=True)
+    calls = []
+    demo.cli = lambda *argv: calls.append(argv)
+    demo.stage_rollout()
+    (argv,) = calls
+    assert argv[0] == "rollout" and argv[argv.index("--temperature") + 1] == 1.3
+
+
 @pytest.mark.parametrize("kinds", [(), ("wrong_operation",)])
 def test_demo_policy_learns_only_the_chosen_error_kinds(tmp_path, kinds):
     """`--set policy_error_kinds=[...]` restricts the errors injected into the policy's training
