@@ -164,17 +164,22 @@ def test_demo_resume_needs_the_same_set(tmp_path):
     assert Demo.load(out).size.policy_steps == 7
 
 
+def recording_demo(tmp_path, size: str, *assignments: str):
+    """A Demo of `size` changed by `assignments`, whose `prm-jax` calls are recorded, not run."""
+    from prm_jax.demo import SIZES, Demo, Judge, resize
+
+    demo = Demo(str(tmp_path), resize(SIZES[size], list(assignments)), Judge(), seed=0, quiet=True)
+    calls = []
+    demo.cli = lambda *argv: calls.append(argv)
+    return demo, calls
+
+
 @pytest.mark.parametrize("balance", [False, True])
 def test_demo_prm_stage_passes_class_balance_to_train(tmp_path, balance):
     """`--set prm_class_balance=true` reaches the PRM stage's `prm-jax train` as class_balance=true."""
-    from prm_jax.demo import SIZES, Demo, Judge, resize
-
-    size = resize(SIZES["tiny"], [f"prm_class_balance={str(balance).lower()}"])
-    demo = Demo(str(tmp_path), size, Judge(), seed=0, quiet=True)
+    demo, calls = recording_demo(tmp_path, "tiny", f"prm_class_balance={str(balance).lower()}")
     with open(demo.path("train_mc.jsonl"), "w") as f:
         f.write(json.dumps({"id": "a", "problem": "p", "steps": ["s"], "labels": [1]}) + "\n")
-    calls = []
-    demo.cli = lambda *argv: calls.append(argv)
     demo.stage_prm("mc")
     (argv,) = calls
     assert argv[0] == "train" and ("class_balance=true" in argv) == balance
@@ -182,13 +187,11 @@ def test_demo_prm_stage_passes_class_balance_to_train(tmp_path, balance):
 
 def test_demo_sizes_are_valid_and_the_critic_trains_in_its_buckets(tmp_path):
     """Every size passes resize's checks unchanged; the critic's buckets come from the size."""
-    from prm_jax.demo import SIZES, Demo, Judge, resize
+    from prm_jax.demo import SIZES, resize
 
     for name, size in SIZES.items():
         assert resize(size, []) == size, name
-    demo = Demo(str(tmp_path), resize(SIZES["small"], ["critic_buckets=[160, 200]"]), Judge(), seed=0, quiet=True)
-    calls = []
-    demo.cli = lambda *argv: calls.append(argv)
+    demo, calls = recording_demo(tmp_path, "small", "critic_buckets=[160, 200]")
     demo.stage_critic()
     (argv,) = calls
     assert argv[0] == "train" and "buckets=[160, 200]" in argv and "max_length=200" in argv
@@ -196,11 +199,7 @@ def test_demo_sizes_are_valid_and_the_critic_trains_in_its_buckets(tmp_path):
 
 def test_demo_samples_the_label_set_at_label_temperature(tmp_path):
     """`--set label_temperature=1.2` changes the temperature of the solutions to label, not of the held-out ones."""
-    from prm_jax.demo import SIZES, Demo, Judge, resize
-
-    demo = Demo(str(tmp_path), resize(SIZES["tiny"], ["label_temperature=1.2"]), Judge(), seed=0, quiet=True)
-    calls = []
-    demo.cli = lambda *argv: calls.append(argv)
+    demo, calls = recording_demo(tmp_path, "tiny", "label_temperature=1.2")
     demo.stage_sample()
     demo.sample("heldout.jsonl", "out.jsonl", 2, seed=1)
     temperatures = [argv[argv.index("--temperature") + 1] for argv in calls]
@@ -208,11 +207,7 @@ def test_demo_samples_the_label_set_at_label_temperature(tmp_path):
 
 
 def test_demo_rolls_out_at_rollout_temperature(tmp_path):
-    from prm_jax.demo import SIZES, Demo, Judge, resize
-
-    demo = Demo(str(tmp_path), resize(SIZES["tiny"], ["rollout_temperature=1.3"]), Judge(), seed=0, quiet=True)
-    calls = []
-    demo.cli = lambda *argv: calls.append(argv)
+    demo, calls = recording_demo(tmp_path, "tiny", "rollout_temperature=1.3")
     demo.stage_rollout()
     (argv,) = calls
     assert argv[0] == "rollout" and argv[argv.index("--temperature") + 1] == 1.3

@@ -125,6 +125,8 @@ def label_solutions(solutions: Sequence[dict[str, Any]], policy: Policy, cfg: MC
     All solutions advance together, one round of probes at a time, so every policy call batches
     prefixes across solutions (mode "all" needs a single round)."""
     grade = grade or grading.grade_many
+    # A finished solution's final answer: its last prefix is the whole trajectory, not rolled out.
+    finals = [grading.extract_answer(join_steps(sol["steps"])) for sol in solutions]
     states = []
     for sol in solutions:
         k = len(sol["steps"])
@@ -136,14 +138,15 @@ def label_solutions(solutions: Sequence[dict[str, Any]], policy: Policy, cfg: MC
         todo = [(j, i) for j, st in enumerate(states) for i in st.probes()]
         if not todo:
             break
-        counts = _count_correct(solutions, todo, policy, cfg, grade)
+        counts = _count_correct(solutions, finals, todo, policy, cfg, grade)
         for (j, i), c in zip(todo, counts):
             states[j].counts[i] = c
         for (j, i), c in zip(todo, counts):
             states[j].update(i, c <= cfg.threshold)
     out = []
-    for sol, st in zip(solutions, states):
-        rolled = sum(c is not None and finished_answer(sol, i) is None for i, c in enumerate(st.counts))
+    for final, st in zip(finals, states):
+        # every evaluated prefix was rolled out but a finished solution's last one
+        rolled = sum(c is not None for c in st.counts) - (final is not None and st.counts[-1] is not None)
         fe = st.first_error
         if cfg.mode == "all":
             fe = next((i for i, c in enumerate(st.counts) if c <= cfg.threshold), -1)
@@ -152,19 +155,13 @@ def label_solutions(solutions: Sequence[dict[str, Any]], policy: Policy, cfg: MC
     return out
 
 
-def finished_answer(solution: dict[str, Any], i: int) -> str | None:
-    """The solution's final answer if step i is its last and the solution has one (the prefix is
-    then the whole trajectory, and nothing is rolled out from it); None otherwise."""
-    steps = solution["steps"]
-    return grading.extract_answer(join_steps(steps)) if i == len(steps) - 1 else None
-
-
-def _count_correct(solutions, todo, policy: Policy, cfg: MCConfig, grade: GradeFn) -> list[int]:
-    """Run N rollouts for each (solution index, step index) and count those reaching the gold."""
+def _count_correct(solutions, finals, todo, policy: Policy, cfg: MCConfig, grade: GradeFn) -> list[int]:
+    """Run N rollouts for each (solution index, step index) and count those reaching the gold; the
+    last step of a finished solution (finals[j] not None) counts its own answer instead."""
     counts: list[int] = []
     for start in range(0, len(todo), cfg.max_prefixes):
         chunk = todo[start:start + cfg.max_prefixes]
-        finished = [finished_answer(solutions[j], i) for j, i in chunk]
+        finished = [finals[j] if i == len(solutions[j]["steps"]) - 1 else None for j, i in chunk]
         rolled = [(j, i) for (j, i), answer in zip(chunk, finished) if answer is None]
         requests = [RolloutRequest(f"{solutions[j]['id']}/{i}", solutions[j]["problem"],
                                    tuple(solutions[j]["steps"][:i + 1])) for j, i in rolled]
