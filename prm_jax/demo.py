@@ -43,7 +43,7 @@ SETTINGS_FILE = "demo_settings.json"
 class DemoSize:
     world: str  # WorldConfig preset
     world_overrides: dict[str, Any]  # on top of the preset
-    model: dict[str, int]  # Qwen2Config fields of the policy / critic / PRMs (all the same shape)
+    model: dict[str, Any]  # Qwen2Config fields of the policy / critic / PRMs (all the same shape)
     vocab_size: int
     policy_problems: int
     policy_steps: int
@@ -71,16 +71,19 @@ class DemoSize:
 
 SIZES = {
     # Single-digit values: arithmetic a 2-layer model learns in a few hundred steps on a CPU.
-    "tiny": DemoSize(world="tiny", world_overrides=dict(max_start=9, max_operand=5, max_value=9), model=dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
-                                              num_kv_heads=2), vocab_size=384,
+    "tiny": DemoSize(world="tiny", world_overrides=dict(max_start=9, max_operand=5, max_value=9),
+                     model=dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2,
+                                rope_theta=1e6), vocab_size=384,
                      policy_problems=3000, policy_steps=300, policy_batch=16, critic_problems=600, critic_steps=150,
                      label_problems=48, samples_per_problem=4, rollouts=6, prm_steps=80, prm_batch=16, heldout_problems=32,
                      bon_n=4),
     # The recipe whose PRMs learn to check steps (experiments/README.md, demo_seeds.py): each step
     # restates the sentence it applies, the policy is taught the errors a PRM of this size can learn
-    # to find (wrong operations, skipped steps), and 8x the labels train PRMs in batches of 64.
+    # to find (wrong operations, skipped steps), and 8x the labels train PRMs in batches of 64. (RoPE
+    # base 1e4 instead of Qwen2's 1e6 was measured and is no better: experiments/README.md.)
     "small": DemoSize(world="tiny", world_overrides=dict(max_start=9, max_operand=5, max_value=9, restate=True),
-                      model=dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2),
+                      model=dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2,
+                                 rope_theta=1e6),
                       vocab_size=1024, policy_problems=3000, policy_steps=800, policy_batch=16, critic_problems=600,
                       critic_steps=600, label_problems=400, samples_per_problem=4, rollouts=6, prm_steps=300,
                       prm_batch=64, heldout_problems=100, bon_n=4, policy_error_rate=0.4,
@@ -94,12 +97,14 @@ def resize(size: DemoSize, assignments: Sequence[str]) -> DemoSize:
     one, `model.key=value` for a model one (values parsed as YAML: 800, 0.4, true, [128, 192])."""
     import yaml
 
+    from prm_jax.models.qwen2 import Qwen2Config
     from prm_jax.toyworld.world import ERROR_KINDS, WorldConfig
     from prm_jax.training.config import coerce
 
     hints = typing.get_type_hints(DemoSize)
     plain = {name: hint for name, hint in hints.items() if name not in ("world", "world_overrides", "model")}
     world_hints = typing.get_type_hints(WorldConfig)
+    model_hints = typing.get_type_hints(Qwen2Config)
     changes, world, model = {}, dict(size.world_overrides), dict(size.model)
     for a in assignments:
         key, sep, text = (part.strip() for part in a.partition("="))
@@ -110,7 +115,7 @@ def resize(size: DemoSize, assignments: Sequence[str]) -> DemoSize:
         if section == "world" and name in world_hints:
             world[name] = coerce(value, world_hints[name], f"--set {key}")
         elif section == "model" and name in size.model:
-            model[name] = coerce(value, int, f"--set {key}")
+            model[name] = coerce(value, model_hints[name], f"--set {key}")
         elif not section and name in plain:
             changes[name] = coerce(value, plain[name], f"--set {key}")
         else:

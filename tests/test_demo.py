@@ -123,13 +123,15 @@ def test_demo_set_changes_the_size_and_rejects_bad_keys():
 
     tiny = SIZES["tiny"]
     size = resize(tiny, ["policy_steps=800", "lr=1e-3", "buckets=[128, 192]", "world.restate=true",
-                         "world.ops=['+']", "model.hidden_size=128"])
+                         "world.ops=['+']", "model.hidden_size=128", "model.rope_theta=1e4"])
     assert (size.policy_steps, size.lr, size.buckets) == (800, 0.001, (128, 192))
     assert size.world_overrides == {**tiny.world_overrides, "restate": True, "ops": ("+",)}
-    assert size.model == {**tiny.model, "hidden_size": 128} and tiny.model["hidden_size"] == 64
+    assert size.model == {**tiny.model, "hidden_size": 128, "rope_theta": 10000.0} and tiny.model["hidden_size"] == 64
     for bad, message in (("policy_steps=1.5", "policy_steps: expected an integer"), ("bogus=1", "bogus: unknown key"),
                          ("world.max_steps=x", "world.max_steps: expected an integer"),
                          ("world.bogus=1", "world.bogus: unknown key"), ("model.bogus=1", "unknown key"),
+                         ("model.num_layers=2.5", "model.num_layers: expected an integer"),
+                         ("model.rope_theta=big", "model.rope_theta: expected a number"),
                          ("world.max_steps=0", "min_steps <= max_steps"), ("lr", "expected key=value"),
                          ("policy_error_kinds=[typo]", "unknown error kind\\(s\\) \\['typo'\\]")):
         with pytest.raises(ValueError, match=message):
