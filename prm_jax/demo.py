@@ -36,6 +36,7 @@ from prm_jax.records import read_jsonl, write_jsonl
 STAGES = ("world", "policy", "sample", "rollout", "critic", "judge", "filter", "prm-consensus", "prm-mc",
           "prm-judge", "heldout", "eval-consensus", "eval-mc", "eval-judge", "report")
 LABEL_SETS = ("consensus", "mc", "judge")
+DEMO_SETS_MODEL = ("vocab_size", "max_position_embeddings")  # model fields stage_world sets itself
 SETTINGS_FILE = "demo_settings.json"
 
 
@@ -72,8 +73,8 @@ class DemoSize:
 SIZES = {
     # Single-digit values: arithmetic a 2-layer model learns in a few hundred steps on a CPU.
     "tiny": DemoSize(world="tiny", world_overrides=dict(max_start=9, max_operand=5, max_value=9),
-                     model=dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2,
-                                rope_theta=1e6), vocab_size=384,
+                     model=dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2),
+                     vocab_size=384,
                      policy_problems=3000, policy_steps=300, policy_batch=16, critic_problems=600, critic_steps=150,
                      label_problems=48, samples_per_problem=4, rollouts=6, prm_steps=80, prm_batch=16, heldout_problems=32,
                      bon_n=4),
@@ -82,8 +83,7 @@ SIZES = {
     # to find (wrong operations, skipped steps), and 8x the labels train PRMs in batches of 64. (RoPE
     # base 1e4 instead of Qwen2's 1e6 was measured and is no better: experiments/README.md.)
     "small": DemoSize(world="tiny", world_overrides=dict(max_start=9, max_operand=5, max_value=9, restate=True),
-                      model=dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2,
-                                 rope_theta=1e6),
+                      model=dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2),
                       vocab_size=1024, policy_problems=3000, policy_steps=800, policy_batch=16, critic_problems=600,
                       critic_steps=600, label_problems=400, samples_per_problem=4, rollouts=6, prm_steps=300,
                       prm_batch=64, heldout_problems=100, bon_n=4, policy_error_rate=0.4,
@@ -114,13 +114,13 @@ def resize(size: DemoSize, assignments: Sequence[str]) -> DemoSize:
         section, _, name = key.rpartition(".")
         if section == "world" and name in world_hints:
             world[name] = coerce(value, world_hints[name], f"--set {key}")
-        elif section == "model" and name in size.model:
+        elif section == "model" and name in model_hints and name not in DEMO_SETS_MODEL:
             model[name] = coerce(value, model_hints[name], f"--set {key}")
         elif not section and name in plain:
             changes[name] = coerce(value, plain[name], f"--set {key}")
         else:
             raise ValueError(f"--set {key}: unknown key; expected one of {', '.join(plain)}, world.<WorldConfig "
-                             f"field> or model.<{'|'.join(size.model)}>")
+                             f"field> or model.<Qwen2Config field but {' and '.join(DEMO_SETS_MODEL)}>")
     resized = dataclasses.replace(size, world_overrides=world, model=model, **changes)
     unknown = [k for k in resized.policy_error_kinds if k not in ERROR_KINDS]
     if unknown:
