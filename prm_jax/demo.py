@@ -76,7 +76,7 @@ SIZES = {
                      model=dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2),
                      vocab_size=384,
                      policy_problems=3000, policy_steps=300, policy_batch=16, critic_problems=600, critic_steps=150,
-                     label_problems=48, samples_per_problem=4, rollouts=6, prm_steps=80, prm_batch=16, heldout_problems=32,
+                     label_problems=48, samples_per_problem=4, rollouts=6, prm_steps=80, prm_batch=16, heldout_problems=100,
                      bon_n=4),
     # The recipe whose PRMs learn to check steps (experiments/README.md, demo_seeds.py): each step
     # restates the sentence it applies, the policy is taught the errors a PRM of this size can learn
@@ -205,15 +205,17 @@ class Demo:
         cfg = world.WorldConfig.for_size(self.size.world, **self.size.world_overrides)
         s, seed = self.size, self.seed
         template = critic.toy_judge_template()
+        # dev: the held-out set's twin on which each PRM's threshold is tuned (ProcessBench's GSM8K).
         sets = {"policy": s.policy_problems, "critic": s.critic_problems, "label": s.label_problems,
-                "heldout": s.heldout_problems}
+                "heldout": s.heldout_problems, "dev": s.heldout_problems}
         problems = {}
         for i, (name, n) in enumerate(sets.items()):
             problems[name] = world.generate_problems(n, seed=seed * 100 + i, cfg=cfg, id_prefix=name)
-        # Problems are drawn at random, so keep the evaluation sets disjoint from the training ones.
+        # Problems are drawn at random, so keep each set disjoint from those before it.
         seen = {p["problem"] for p in problems["policy"]} | {p["problem"] for p in problems["critic"]}
-        for name in ("label", "heldout"):
+        for name in ("label", "heldout", "dev"):
             problems[name] = [p for p in problems[name] if p["problem"] not in seen]
+            seen |= {p["problem"] for p in problems[name]}
         os.makedirs(self.path("data"), exist_ok=True)
         for name, recs in problems.items():
             write_jsonl(self.path("data", f"{name}_problems.jsonl"), recs)
@@ -301,47 +303,53 @@ class Demo:
                    overrides=("class_balance=true",) if s.prm_class_balance else ())
 
     def stage_heldout(self) -> None:
-        """Fresh policy samples on held-out problems, labelled by the truth; balanced between
-        correct and erroneous solutions. Too few erroneous ones (a strong policy): more of the
-        policy's own samples first, so that the errors stay the policy's; then, for either kind,
-        the world's reference or injected-error solutions."""
+        """Two ProcessBench-style sets of fresh policy samples labelled by the truth: `toy`, on which
+        the PRMs are scored, and `dev`, on other problems, on which each PRM's threshold is tuned."""
+        os.makedirs(self.path("heldout"), exist_ok=True)
+        for subset, prefix, seed in (("toy", "heldout", self.seed), ("dev", "dev", self.seed + 10)):
+            chosen = self.balanced_set(self.path("data", f"{prefix}_problems.jsonl"), prefix, seed)
+            with open(self.path("heldout", f"{subset}.json"), "w", encoding="utf-8") as f:
+                json.dump(chosen, f)
+
+    def balanced_set(self, problem_file: str, prefix: str, seed: int) -> list[dict]:
+        """The policy's samples on these problems, balanced between correct and erroneous solutions.
+        Too few erroneous ones (a strong policy): more of the policy's own samples first, so that the
+        errors stay the policy's; then, for either kind, the world's reference or injected-error
+        solutions."""
         from prm_jax.toyworld import world
 
         def labelled(path: str) -> list[dict]:
             return [r for r in map(world.processbench_record, read_jsonl(path)) if r is not None]
 
-        samples = self.path("heldout_samples.jsonl")
-        problem_file = self.path("data", "heldout_problems.jsonl")
-        self.sample(problem_file, samples, self.size.bon_n, self.seed + 1)
+        samples = self.path(f"{prefix}_samples.jsonl")  # the held-out ones are Best-of-N's too
+        self.sample(problem_file, samples, self.size.bon_n, seed + 1)
         records = labelled(samples)
-        rng = random.Random(self.seed)
+        rng = random.Random(seed)
         wrong = [r for r in records if r["label"] >= 0]
         right = [r for r in records if r["label"] < 0]
         want = max(len(records) // 2, 8)
         if len(wrong) < want:
-            more = self.path("heldout_more_samples.jsonl")  # not Best-of-N's: that keeps bon_n per problem
-            self.sample(problem_file, more, 4 * self.size.bon_n, self.seed + 4)
+            more = self.path(f"{prefix}_more_samples.jsonl")  # not Best-of-N's: that keeps bon_n per problem
+            self.sample(problem_file, more, 4 * self.size.bon_n, seed + 4)
             extra = [{**r, "id": f"{r['id']}-more"} for r in labelled(more) if r["label"] >= 0]
             wrong += extra[: want - len(wrong)]
         problems = read_jsonl(problem_file)
         if len(right) < want:
-            extra = world.sample_solutions(problems, seed=self.seed + 2, error_rate=0.0)
+            extra = world.sample_solutions(problems, seed=seed + 2, error_rate=0.0)
             right += [world.processbench_record(r) for r in extra][: want - len(right)]
         if len(wrong) < want:
-            extra = world.sample_solutions(problems, seed=self.seed + 3, error_rate=1.0)
+            extra = world.sample_solutions(problems, seed=seed + 3, error_rate=1.0)
             wrong += [world.processbench_record(r) for r in extra][: want - len(wrong)]
         rng.shuffle(wrong)
         rng.shuffle(right)
         n = min(len(wrong), len(right))
-        chosen = wrong[:n] + right[:n]
-        os.makedirs(self.path("heldout"), exist_ok=True)
-        with open(self.path("heldout", "toy.json"), "w", encoding="utf-8") as f:
-            json.dump(chosen, f)
+        return wrong[:n] + right[:n]
 
     def stage_eval(self, label_set: str) -> None:
         prm = self.path(f"prm_{label_set}", "hf")
-        self.cli("eval", "processbench", "--prm", prm, "--data", self.path("heldout"), "--subsets", "toy",
-                 "--out", self.path(f"eval_{label_set}"), "--batch-size", 32, "--max-length", 256)
+        self.cli("eval", "processbench", "--prm", prm, "--data", self.path("heldout"), "--subsets", "dev,toy",
+                 "--threshold", "tune", "--tune-on", "dev", "--out", self.path(f"eval_{label_set}"),
+                 "--batch-size", 32, "--max-length", 256)
         self.cli("eval", "bon", "--prm", prm, "--responses", self.path("heldout_samples.jsonl"),
                  "--out", self.path(f"bon_{label_set}"), "--batch-size", 32, "--max-length", 256)
 
@@ -395,6 +403,7 @@ def _world_text(world: dict[str, Any]) -> str:
 
 
 def build_report(demo: Demo) -> dict[str, Any]:
+    from prm_jax.evaluation import metrics
     from prm_jax.toyworld import truth as T
     from prm_jax.toyworld.world import check_steps
 
@@ -426,10 +435,14 @@ def build_report(demo: Demo) -> dict[str, Any]:
     bon: dict[str, Any] = {}
     for ls in LABEL_SETS:
         summary = _load_json(p(f"eval_{ls}", "summary.json"))
+        rows = [r for r in read_jsonl(p(f"eval_{ls}", "predictions.jsonl")) if r["subset"] == "toy"]
+        at_half = metrics.subset_metrics([r["label"] for r in rows],
+                                         [metrics.first_error(r["step_scores"], 0.5) for r in rows]).f1
         sub = summary["subsets"]["toy"]
         key = "" if ls == "consensus" else f"{ls}_"
         prm[f"{key}f1"] = sub["f1"]
-        prm[f"{key}detail"] = sub
+        # the threshold tuned on the dev set, and for comparison the F1 at the untuned 0.5
+        prm[f"{key}detail"] = {**sub, "threshold": summary["threshold"], "f1_at_half": at_half}
         b = _load_json(p(f"bon_{ls}", "bon_summary.json"))
         bon[ls] = {"curve": b["curve"], "min_score_at_last_step": b["min_score_at_last_step"]}
     prm["beats_baseline"] = bool(prm["f1"] > prm["baseline_f1"])
@@ -455,14 +468,17 @@ def summary_table(report: dict[str, Any]) -> str:
         lines.append(f"{src:<10}{q['n']:>6}{_fmt(q['first_error_accuracy'], True):>16}"
                      f"{_fmt(q['step_precision'], True):>9}{_fmt(q['step_recall'], True):>9}")
     prm = report["prm"]
-    lines += ["", f"Held-out, ProcessBench-style ({prm['n_heldout']} solutions)",
-              f"{'':<36}{'F1%':>8}{'error acc%':>12}{'correct acc%':>14}"]
+    lines += ["", f"Held-out, ProcessBench-style ({prm['n_heldout']} solutions; each PRM's threshold tuned on the "
+                  "dev set)", f"{'':<36}{'F1%':>8}{'error acc%':>12}{'correct acc%':>14}{'threshold':>11}"
+              f"{'F1% at 0.5':>12}"]
     for name, f1, detail in (("PRM trained on consensus labels", "f1", "detail"),
                              ("PRM trained on MC labels", "mc_f1", "mc_detail"),
                              ("PRM trained on judge labels", "judge_f1", "judge_detail"),
                              ("outcome-only baseline", "baseline_f1", "baseline")):
-        lines.append(f"{name:<36}{_fmt(prm[f1], True):>8}{_fmt(prm[detail]['acc_error'], True):>12}"
-                     f"{_fmt(prm[detail]['acc_correct'], True):>14}")
+        d = prm[detail]
+        tuned = f"{d['threshold']:>11.4f}{_fmt(d['f1_at_half'], True):>12}" if "threshold" in d else ""
+        lines.append(f"{name:<36}{_fmt(prm[f1], True):>8}{_fmt(d['acc_error'], True):>12}"
+                     f"{_fmt(d['acc_correct'], True):>14}{tuned}")
     curve = report["best_of_n"]["consensus"]["curve"]
     lines += ["", "Best-of-N (consensus PRM)", f"{'N':>4}{'prm@N%':>9}{'maj@N%':>9}{'pass@N%':>9}"]
     for c in curve:
@@ -484,7 +500,9 @@ def write_markdown(report: dict[str, Any], path: str) -> None:
         "![label quality](report_label_quality.png)", "", "![PRM F1](report_f1.png)", "",
         "![Best-of-N](bon_consensus/bon_curve.png)", "",
         "Held-out scores: error acc is the share of erroneous solutions whose first error is found exactly, "
-        "correct acc the share of correct solutions left unflagged; F1 is their harmonic mean (ProcessBench's).", "",
+        "correct acc the share of correct solutions left unflagged; F1 is their harmonic mean (ProcessBench's). "
+        "A PRM calls a step wrong when its score falls below its threshold, the one with the best F1 on the dev "
+        "set (fresh policy samples on other problems), as ProcessBench's PRM evaluations pick theirs on GSM8K.", "",
         "Step precision/recall: the positive class is \"this step is wrong\", over the steps each source labels "
         "(the steps up to its first error). The outcome-only baseline knows whether the final answer is right and "
         "then blames the last step.",

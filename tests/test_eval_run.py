@@ -154,6 +154,20 @@ def test_processbench_cli_end_to_end(shared_data, prm_dir, torch_scores, tmp_pat
     best_grid = max(_official_f1([r for r in rows2 if r["subset"] == "gsm8k"], g)["gsm8k"][2]
                     for g in np.linspace(0, 1, 401))
     assert summary2["subsets"]["gsm8k"]["f1"] >= best_grid - 1e-12
+    assert (summary2["threshold_mode"], summary2["tune_subset"]) == ("tuned on gsm8k", "gsm8k")
+
+    # --tune-on picks the threshold on another subset (the demo tunes on its dev set)
+    assert cli.main(argv + ["--threshold", "tune", "--tune-on", "math"]) == 0
+    summary3 = json.loads((out / "summary.json").read_text())
+    assert summary3["threshold_mode"] == "tuned on math"
+    best_math = max(_official_f1([r for r in rows2 if r["subset"] == "math"], g)["math"][2]
+                    for g in np.linspace(0, 1, 401))
+    assert summary3["subsets"]["math"]["f1"] == pytest.approx(summary3["tuned_f1"])
+    assert summary3["tuned_f1"] >= best_math - 1e-12
+    ref3 = _official_f1(rows2, summary3["threshold"])
+    assert summary3["subsets"]["gsm8k"]["f1"] == pytest.approx(ref3["gsm8k"][2])
+    with pytest.raises(ValueError, match="picks the threshold on dev; add it to --subsets"):
+        cli.main(argv + ["--threshold", "tune", "--tune-on", "dev"])
 
     # resuming into this OUT with other settings would mix scores: refused
     changed = [a if a != str(MAX_LEN) else "200" for a in argv]

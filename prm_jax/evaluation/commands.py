@@ -59,7 +59,9 @@ def register(subparsers) -> None:
     pb.add_argument("--data", required=True, help="directory with gsm8k.json, math.json, ... (as published)")
     pb.add_argument("--subsets", default="gsm8k,math,olympiadbench,omnimath")
     pb.add_argument("--threshold", type=_threshold, default=0.5,
-                    help="step score below which a step is called wrong, or 'tune' (best F1 on gsm8k)")
+                    help="step score below which a step is called wrong, or 'tune' (best F1 on the --tune-on subset)")
+    pb.add_argument("--tune-on", default="gsm8k", metavar="SUBSET",
+                    help="with --threshold tune: the subset whose F1 picks the threshold (default gsm8k)")
     pb.add_argument("--limit", type=int, default=None,
                     help="per subset: the first ceil(L/2) erroneous and floor(L/2) correct samples (smoke runs)")
     pb.set_defaults(func=cmd_processbench)
@@ -91,7 +93,7 @@ def cmd_processbench(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     subsets = [s.strip() for s in args.subsets.split(",") if s.strip()]
     run_processbench(_scorer(args), args.data, args.out, subsets, args.threshold, args.limit,
-                     plots=not args.no_plots)
+                     plots=not args.no_plots, tune_subset=args.tune_on)
     return 0
 
 

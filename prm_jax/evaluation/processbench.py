@@ -126,11 +126,13 @@ def diagnostics(rows: Sequence[dict]) -> dict:
     }
 
 
-def summarize(rows: Sequence[dict], subsets: Sequence[str], threshold: float, tuned_f1: float | None = None) -> dict:
-    out: dict = {"threshold": threshold, "threshold_mode": "tuned on gsm8k" if tuned_f1 is not None else "fixed",
+def summarize(rows: Sequence[dict], subsets: Sequence[str], threshold: float, tuned_f1: float | None = None,
+              tune_subset: str = TUNE_SUBSET) -> dict:
+    tuned = tuned_f1 is not None
+    out: dict = {"threshold": threshold, "threshold_mode": f"tuned on {tune_subset}" if tuned else "fixed",
                  "subsets": {}}
-    if tuned_f1 is not None:
-        out["tuned_gsm8k_f1"] = tuned_f1
+    if tuned:
+        out["tune_subset"], out["tuned_f1"] = tune_subset, tuned_f1
     f1s, sizes = [], []
     for name in subsets:
         sub = [r for r in rows if r["subset"] == name]
@@ -167,14 +169,15 @@ def format_table(summary: dict) -> str:
 
 def run_processbench(scorer, data_dir: str, out_dir: str, subsets: Sequence[str] = SUBSETS,
                      threshold: float | str = 0.5, limit: int | None = None, plots: bool = True,
-                     show_progress: bool = True) -> dict:
+                     show_progress: bool = True, tune_subset: str = TUNE_SUBSET) -> dict:
     """Score, predict, write OUT/predictions.jsonl, OUT/summary.json and the plots; return the summary.
-    `scorer` is a `PRMScorer`; `threshold` a number or "tune"."""
+    `scorer` is a `PRMScorer`; `threshold` a number or "tune" (the best F1 on `tune_subset`, then
+    applied to every subset, as ProcessBench's PRM evaluations pick theirs on GSM8K)."""
     import jax
 
     tune = threshold == "tune"
-    if tune and TUNE_SUBSET not in subsets:
-        raise ValueError(f"--threshold tune picks the threshold on {TUNE_SUBSET}; add it to --subsets")
+    if tune and tune_subset not in subsets:
+        raise ValueError(f"--threshold tune picks the threshold on {tune_subset}; add it to --subsets")
     if not tune:
         threshold = float(threshold)
     unknown = [s for s in subsets if s not in SUBSETS]
@@ -199,7 +202,7 @@ def run_processbench(scorer, data_dir: str, out_dir: str, subsets: Sequence[str]
     rows = [by_key[s.key] for s in samples]
     tuned_f1 = None
     if tune:
-        tune_rows = [r for r in rows if r["subset"] == TUNE_SUBSET]
+        tune_rows = [r for r in rows if r["subset"] == tune_subset]
         threshold, tuned_f1 = metrics.tune_threshold([r["step_scores"] for r in tune_rows],
                                                      [r["label"] for r in tune_rows])
     # Rows of the current run get predictions at the final threshold; the file is rewritten atomically.
@@ -207,7 +210,7 @@ def run_processbench(scorer, data_dir: str, out_dir: str, subsets: Sequence[str]
         r["pred"], r["threshold"] = metrics.first_error(r["step_scores"], threshold), threshold
     write_jsonl(pred_path, by_key.values())
 
-    summary = summarize(rows, subsets, threshold, tuned_f1)
+    summary = summarize(rows, subsets, threshold, tuned_f1, tune_subset)
     summary["limit"] = limit
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
