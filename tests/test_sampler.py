@@ -218,6 +218,15 @@ def test_compile_count_stays_bounded(model):
         sampler.generate(model, [rs.randint(0, VOCAB, rs.randint(2, 17)).tolist() for _ in range(size)], 12)
     assert sampler.compile_count() - before <= 4  # 2 batch buckets x (prefill + decode), not 6 x 2
     assert sampler.bucket(5) == 6 and sampler.bucket(13) == 16 and sampler.bucket(17) == 24
+    # a call's short last batch (4 rows of 1 source, after 12 rows of 3) is padded to the first
+    # batch's shapes: one prefill and one decode program, and its rows are those sampled alone
+    prompts = [rs.randint(0, VOCAB, 9).tolist() for _ in range(4)]
+    before = sampler.compile_count()
+    outs = sampler.generate_from_prefixes(model, prompts, 4, 10, temperature=1.0, seed=3, max_batch=12)
+    assert sampler.compile_count() - before == 2, sampler.compile_log()[before:]
+    alone = sampler.generate(model, prompts[3:] * 4, 10, temperature=1.0, seed=3, key_ids=[3] * 4,
+                             sample_ids=range(4))
+    assert outs[3] == alone
     assert len(sampler.compile_log()) == sampler.compile_count()
 
 

@@ -28,7 +28,8 @@ hit it (the benchmark sees a few rows in 48 diverge); greedy decoding is affecte
 How it runs: prompts are sorted by length and cut into batches of at most `max_batch` rows.
 Batch sizes and prompt lengths are rounded up to buckets (1, 2, 3, 4, 6, 8, 12, 16, 24, ... i.e.
 powers of two and 1.5x powers of two; batches also to a multiple of the data-parallel size), as is
-max_new_tokens (the true limit is a traced scalar), so a long run compiles a handful of programs.
+max_new_tokens (the true limit is a traced scalar), and a call's last, short batch is padded to its
+first one's size, so a long run compiles a handful of programs.
 The KV cache has one slot per position (cache slot == position), so right-padded prompts work
 without shifting: row b's first new token is written at slot len_b, over its padding. The prefill
 program returns the cache and the first logits; the decode program (one `while_loop` that exits
@@ -270,12 +271,15 @@ def _run(model, sources: list[list[int]], rows: list[_Row], max_new_tokens: int,
     stop_dev, base_key = rep(stop_arr), rep(base_key)
 
     order = sorted(rows, key=lambda rw: (-len(sources[rw.source]), rw.source, rw.out))
+    chunks = [order[start:start + max_batch] for start in range(0, len(order), max_batch)]
+    # Every batch of a call gets the first one's row count and the most sources any batch has, so
+    # a call's short last batch reuses its programs: a compile costs more than padded rows.
+    r = _batch_bucket(len(chunks[0]), dp) if chunks else 0
+    u = max((_batch_bucket(len({rw.source for rw in c}), dp) for c in chunks), default=0)
     results: list[Any] = [None] * len(rows)
-    for start in range(0, len(order), max_batch):
-        chunk = order[start:start + max_batch]
+    for chunk in chunks:
         src_ids = list(dict.fromkeys(rw.source for rw in chunk))
         src_pos = {s: i for i, s in enumerate(src_ids)}
-        u, r = _batch_bucket(len(src_ids), dp), _batch_bucket(len(chunk), dp)
         t = bucket(max(len(sources[s]) for s in src_ids), 16)
         ids = np.zeros((u, t), np.int32)
         for i, s in enumerate(src_ids):
