@@ -12,8 +12,9 @@ under --out, so the demo doubles as an executable tutorial:
   filter   consensus filter; MC-only and judge-only training sets for comparison
   prm-*    a PRM trained on each label set (initialised from the policy, as the paper from its
            instruct model)
-  heldout  a held-out ProcessBench-style set from fresh policy samples, labelled by the truth
-  eval-*   each PRM on the held-out set (first-error F1) and by Best-of-N
+  heldout  ProcessBench-style sets of fresh policy samples labelled by the truth: `toy`, on which
+           the PRMs are scored, and `dev` (other problems), on which each PRM's threshold is tuned
+  eval-*   each PRM on the held-out set (first-error F1 at its dev-tuned threshold) and by Best-of-N
   report   label quality against the truth, PRM F1 vs the outcome-only baseline, Best-of-N
 
 Because the toy world knows every step's truth, the report measures what the paper could only
@@ -595,7 +596,7 @@ def register(sub) -> None:
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="run directory (every stage writes its files here)")
     p.add_argument("--size", choices=tuple(SIZES), default="tiny",
-                   help="tiny: the whole pipeline in ~3 min on 2 CPU cores; small: the recipe whose PRMs learn to "
+                   help="tiny: the whole pipeline in ~2.6 min on 2 CPU cores; small: the recipe whose PRMs learn to "
                         "check steps, ~6 min")
     p.add_argument("--resume", action="store_true", help="continue a stopped run from its last finished stage")
     p.add_argument("--seed", type=int, default=0)

@@ -256,28 +256,32 @@ def test_demo_heldout_takes_more_policy_samples_before_injecting_errors(tmp_path
     """A policy that writes too few erroneous held-out solutions is sampled again for them; the
     world's injected errors (of every kind) are only the last resort. Here the first draw is all
     right and the second all wrong operations, so every erroneous held-out solution is a wrong
-    operation from the second draw."""
+    operation from the second draw. The dev set, on which thresholds are tuned, is built the same
+    way from its own problems."""
     from prm_jax.demo import SIZES, Demo, Judge
     from prm_jax.records import read_jsonl, write_jsonl
     from prm_jax.toyworld import world
 
     demo = Demo(str(tmp_path), SIZES["tiny"], Judge(), seed=0, quiet=True)
     os.makedirs(demo.path("data"))
-    problems = world.generate_problems(6, seed=3, cfg=world.WorldConfig.tiny(), id_prefix="heldout")
-    write_jsonl(demo.path("data", "heldout_problems.jsonl"), problems)
+    for i, name in enumerate(("heldout", "dev")):
+        problems = world.generate_problems(6, seed=3 + i, cfg=world.WorldConfig.tiny(), id_prefix=name)
+        write_jsonl(demo.path("data", f"{name}_problems.jsonl"), problems)
 
     def sample(problem_file, out, n, seed, **_):
-        more = out.endswith("heldout_more_samples.jsonl")
+        more = out.endswith("_more_samples.jsonl")
         write_jsonl(out, world.sample_solutions(read_jsonl(problem_file), seed=seed, error_rate=float(more),
                                                 kinds=("wrong_operation",), per_problem=n))
 
     demo.sample = sample
     demo.stage_heldout()
-    with open(demo.path("heldout", "toy.json")) as f:
-        chosen = json.load(f)
-    wrong = [r for r in chosen if r["label"] >= 0]
-    assert len(wrong) == len(chosen) - len(wrong) == 12  # half of the first draw's 6 x 4
-    assert len({r["id"] for r in chosen}) == len(chosen)
-    assert all(r["id"].endswith("-more") and world.check_steps(r, r["steps"]).reason == "wrong_operation"
-               for r in wrong)
+    for subset, prefix in (("toy", "heldout"), ("dev", "dev")):
+        with open(demo.path("heldout", f"{subset}.json")) as f:
+            chosen = json.load(f)
+        wrong = [r for r in chosen if r["label"] >= 0]
+        assert len(wrong) == len(chosen) - len(wrong) == 12  # half of the first draw's 6 x 4
+        assert len({r["id"] for r in chosen}) == len(chosen)
+        assert all(r["id"].startswith(prefix + "-") for r in chosen)
+        assert all(r["id"].endswith("-more") and world.check_steps(r, r["steps"]).reason == "wrong_operation"
+                   for r in wrong)
     assert len(read_jsonl(demo.path("heldout_samples.jsonl"))) == 6 * SIZES["tiny"].bon_n  # Best-of-N's draw
