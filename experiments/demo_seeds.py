@@ -3,9 +3,10 @@
 --resume, so an interrupted sweep picks up where it stopped) and prints one row per seed: the
 policy's share of fully correct solutions, each label source's first-error accuracy against the
 truth, and each PRM's held-out first-error F1 with its two accuracies beside the outcome-only
-baseline's. The last lines count the seeds where the consensus labels are more accurate than MC labels by
-over 10 points (what the tiny demo's test asserts) or than the judge's, and where the consensus PRM
-beats the baseline.
+baseline's and the content-blind reference's F1 (a predictor that never reads a solution). The last lines
+count the seeds where the consensus labels are more accurate than MC labels by over 10 points (what the
+tiny demo's test asserts) or than the judge's, and where the consensus PRM beats the baseline and the
+content-blind reference.
 
     python experiments/demo_seeds.py --out runs/demo_seeds --seeds 0-4 [--size tiny] [--set KEY=VALUE ...]
 
@@ -62,8 +63,8 @@ def main() -> None:
     print("labels: each source's first-error accuracy against the truth, %; PRMs and the outcome-only baseline: "
           "held-out F1 (error acc / correct acc), %")
     print(f"{'seed':>4} {'time s':>6} {'policy ok%':>10} | {'mc':>4} {'judge':>5} {'cons':>5} | "
-          + " | ".join(f"{name + ' PRM':>15}" for name, _ in prms) + f" | {'baseline':>15}", flush=True)
-    beats, over_mc, over_judge = [], [], []
+          + " | ".join(f"{name + ' PRM':>15}" for name, _ in prms) + f" | {'baseline':>15} | blind", flush=True)
+    beats, beats_blind, over_mc, over_judge = [], [], [], []
     for seed in seed_list(args.seeds):
         r = run_seed(args.out, args.size, seed, args.set)
         lq, prm = r["label_quality"], r["prm"]
@@ -71,14 +72,17 @@ def main() -> None:
         cells = [f"{pct(f1)} ({pct(d['acc_error'])}/{pct(d['acc_correct'])})" for f1, d in scores]
         print(f"{seed:>4} {r['seconds']:6.0f} {pct(r['policy']['process_correct']):>10} | "
               f"{pct(lq['mc']['first_error_accuracy'])} {pct(lq['judge']['first_error_accuracy']):>5} "
-              f"{pct(lq['consensus']['first_error_accuracy']):>5} | " + " | ".join(f"{c:>15}" for c in cells), flush=True)
+              f"{pct(lq['consensus']['first_error_accuracy']):>5} | " + " | ".join(f"{c:>15}" for c in cells)
+              + f" | {pct(prm.get('blind_f1')):>5}", flush=True)
         beats.append(prm["f1"] > prm["baseline_f1"])
+        beats_blind.append(prm["f1"] > prm.get("blind_f1", 1.0))
         acc = {src: lq[src]["first_error_accuracy"] for src in ("mc", "judge", "consensus")}
         over_mc.append(acc["consensus"] > acc["mc"] + 0.1)
         over_judge.append(acc["consensus"] > acc["judge"])
     print(f"consensus labels beat MC labels by over 10 points on {sum(over_mc)} of {len(over_mc)} seeds, "
           f"the judge's on {sum(over_judge)}")
-    print(f"consensus PRM beats the outcome-only baseline on {sum(beats)} of {len(beats)} seeds")
+    print(f"consensus PRM beats the outcome-only baseline on {sum(beats)} of {len(beats)} seeds, "
+          f"the content-blind reference on {sum(beats_blind)}")
 
 
 if __name__ == "__main__":

@@ -432,7 +432,9 @@ def build_report(demo: Demo) -> dict[str, Any]:
     }
     heldout = _load_json(p("heldout", "toy.json"))
     base = T.baseline_f1(heldout)
-    prm: dict[str, Any] = {"n_heldout": len(heldout), "baseline_f1": base["f1"], "baseline": base}
+    blind = T.blind_f1(_load_json(p("heldout", "dev.json")), heldout)
+    prm: dict[str, Any] = {"n_heldout": len(heldout), "baseline_f1": base["f1"], "baseline": base,
+                           "blind_f1": blind["f1"], "blind": blind}
     bon: dict[str, Any] = {}
     for ls in LABEL_SETS:
         summary = _load_json(p(f"eval_{ls}", "summary.json"))
@@ -475,7 +477,8 @@ def summary_table(report: dict[str, Any]) -> str:
     for name, f1, detail in (("PRM trained on consensus labels", "f1", "detail"),
                              ("PRM trained on MC labels", "mc_f1", "mc_detail"),
                              ("PRM trained on judge labels", "judge_f1", "judge_detail"),
-                             ("outcome-only baseline", "baseline_f1", "baseline")):
+                             ("outcome-only baseline", "baseline_f1", "baseline"),
+                             ("content-blind reference", "blind_f1", "blind")):
         d = prm[detail]
         tuned = f"{d['threshold']:>11.4f}{_fmt(d['f1_at_half'], True):>12}" if "threshold" in d else ""
         lines.append(f"{name:<36}{_fmt(prm[f1], True):>8}{_fmt(d['acc_error'], True):>12}"
@@ -506,7 +509,9 @@ def write_markdown(report: dict[str, Any], path: str) -> None:
         "set (fresh policy samples on other problems), as ProcessBench's PRM evaluations pick theirs on GSM8K.", "",
         "Step precision/recall: the positive class is \"this step is wrong\", over the steps each source labels "
         "(the steps up to its first error). The outcome-only baseline knows whether the final answer is right and "
-        "then blames the last step.",
+        "then blames the last step. The content-blind reference never reads a solution: it flags one step of a "
+        "random share of them (which step and what share picked on the dev set; expected accuracies shown). A PRM "
+        "at or below it has learned where errors tend to be, not to find them.",
     ]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(text) + "\n")
@@ -538,9 +543,11 @@ def plot_report(report: dict[str, Any], out: str) -> None:
                [100 * (lq[s]["first_error_accuracy"] or 0) for s in srcs], ["#4c72b0", "#dd8452", "#55a868"],
                "first error matches truth (%)", "Label quality against the toy world's truth",
                notes=[f"n={lq[s]['n']}" for s in srcs])
-    _bar_chart(os.path.join(out, "report_f1.png"), ["consensus", "MC only", "judge only", "outcome baseline"],
-               [100 * (prm[k] or 0) for k in ("f1", "mc_f1", "judge_f1", "baseline_f1")],
-               ["#55a868", "#4c72b0", "#dd8452", "#999999"], "held-out first-error F1 (%)", "PRMs by training labels")
+    _bar_chart(os.path.join(out, "report_f1.png"), ["consensus", "MC only", "judge only", "outcome\nbaseline",
+                                                     "content-\nblind"],
+               [100 * (prm[k] or 0) for k in ("f1", "mc_f1", "judge_f1", "baseline_f1", "blind_f1")],
+               ["#55a868", "#4c72b0", "#dd8452", "#999999", "#cccccc"], "held-out first-error F1 (%)",
+               "PRMs by training labels")
 
 
 # -- driver ----------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def test_demo_report_fields_and_claims(demo_out):
             assert key in q, (src, key)
     assert report["label_quality"]["consensus"]["n"] > 0
     prm = report["prm"]
-    for key in ("f1", "baseline_f1", "mc_f1", "judge_f1"):
+    for key in ("f1", "baseline_f1", "mc_f1", "judge_f1", "blind_f1"):
         assert 0.0 <= prm[key] <= 1.0
     assert report["best_of_n"]["consensus"]["curve"]
     for name in ("report.md", "report_label_quality.png", "report_f1.png"):
@@ -85,8 +85,11 @@ def test_demo_report_fields_and_claims(demo_out):
     assert row[-5:-2] == [f"{100 * prm_f1:.1f}", f"{100 * err_acc:.1f}", f"{100 * ok_acc:.1f}"]
     assert base_f1 == pytest.approx(prm["baseline_f1"])
     assert prm["beats_baseline"] == (prm_f1 > base_f1)
-    # The deliverable: the PRM trained on consensus labels finds first errors on held-out truth better
-    # than a predictor that knows only whether the final answer is right.
+    # The claim: on held-out truth, the PRM trained on consensus labels finds first errors
+    # better than a predictor that knows only whether the final answer is right. At tiny size it does
+    # on every seed measured, but so does the content-blind reference (report["prm"]["blind_f1"]), whose
+    # F1 the tiny PRMs do not reach: this shows the pipeline end to end and a weak baseline, not a PRM
+    # that checks steps (that is the small size; experiments/README.md).
     assert prm_f1 > base_f1, (prm_f1, base_f1)
 
 

@@ -209,6 +209,18 @@ def test_baseline_f1_hand_set():
     assert (got["n_error"], got["n_correct"]) == (3, 2)
 
 
+def test_blind_f1_hand_set():
+    """Dev errors all at step 1: flagging step 1 of a share p scores 2p(1-p)/(p + 1-p) = 2p(1-p),
+    best at p = 1/2. On a test set with 1 of 4 errors at step 1 it then expects 1/8 and 1/2."""
+    three = ["a", "b", "c"]
+    dev = [{"steps": three, "label": y} for y in (1, 1, -1, -1)]
+    test = [{"steps": three, "label": y} for y in (0, 0, 1, 2, -1, -1)]
+    got = truth.blind_f1(dev, test)
+    assert (got["step"], got["share_flagged"]) == (1, 0.5)
+    assert (got["acc_error"], got["acc_correct"]) == (pytest.approx(1 / 8), pytest.approx(1 / 2))
+    assert got["f1"] == pytest.approx(2 * (1 / 8) * (1 / 2) / (1 / 8 + 1 / 2))  # = 0.2
+
+
 def test_label_quality_hand_case():
     three = ["s0", "s1", "s2"]
     t = {"a": -1, "b": 1, "c": 2, "d": 0}

@@ -155,6 +155,26 @@ def baseline_f1(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     return processbench_f1([r["label"] for r in records], [outcome_baseline(r) for r in records])
 
 
+def blind_f1(dev: Sequence[Mapping[str, Any]], test: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The content-blind reference: the best a predictor can do that never reads a solution. It
+    flags step k of a random share p of them; k and p are picked, as the PRMs' thresholds are, for
+    the best F1 on `dev`, and its expected accuracies on `test` are p * (share of test errors at
+    step k) and 1 - p. A PRM at or below it has learned the position of errors, not to find them."""
+    def errors_at(records, k):
+        errs = [r["label"] for r in records if r["label"] >= 0]
+        return sum(e == k for e in errs) / len(errs) if errs else 0.0
+
+    def f1(a, b):
+        return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+
+    steps = range(max((len(r["steps"]) for r in dev), default=1))
+    shares = [p / 100 for p in range(101)]
+    k, p = max(((k, p) for k in steps for p in shares), key=lambda kp: f1(kp[1] * errors_at(dev, kp[0]), 1 - kp[1]))
+    acc_error, acc_correct = p * errors_at(test, k), 1 - p
+    return {"step": k, "share_flagged": p, "acc_error": acc_error, "acc_correct": acc_correct,
+            "f1": f1(acc_error, acc_correct)}
+
+
 def clean_nan(obj: Any) -> Any:
     """A copy with NaN floats as None, so the result is valid JSON."""
     if isinstance(obj, float) and math.isnan(obj):
