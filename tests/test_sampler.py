@@ -223,7 +223,7 @@ def test_compile_count_stays_bounded(model):
     prompts = [rs.randint(0, VOCAB, 9).tolist() for _ in range(4)]
     before = sampler.compile_count()
     outs = sampler.generate_from_prefixes(model, prompts, 4, 10, temperature=1.0, seed=3, max_batch=12)
-    assert sampler.compile_count() - before == 2, sampler.compile_log()[before:]
+    assert sampler.compile_count() - before <= 2, sampler.compile_log()[before:]  # 4 when each batch had its own
     alone = sampler.generate(model, prompts[3:] * 4, 10, temperature=1.0, seed=3, key_ids=[3] * 4,
                              sample_ids=range(4))
     assert outs[3] == alone
