@@ -21,7 +21,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from prm_jax.evaluation.metrics import subset_metrics
+from prm_jax.evaluation.metrics import harmonic_mean, subset_metrics
 from prm_jax.toyworld.world import check_steps
 
 SOURCES = ("mc", "judge", "labels")
@@ -160,19 +160,17 @@ def blind_f1(dev: Sequence[Mapping[str, Any]], test: Sequence[Mapping[str, Any]]
     flags step k of a random share p of them; k and p are picked, as the PRMs' thresholds are, for
     the best F1 on `dev`, and its expected accuracies on `test` are p * (share of test errors at
     step k) and 1 - p. A PRM at or below it has learned the position of errors, not to find them."""
-    def errors_at(records, k):
+    def errors_at(records: Sequence[Mapping[str, Any]]) -> list[float]:  # share of errors at each step
         errs = [r["label"] for r in records if r["label"] >= 0]
-        return sum(e == k for e in errs) / len(errs) if errs else 0.0
+        return [sum(e == k for e in errs) / len(errs) if errs else 0.0 for k in range(n_steps)]
 
-    def f1(a, b):
-        return 0.0 if a + b == 0 else 2 * a * b / (a + b)
-
-    steps = range(max((len(r["steps"]) for r in dev), default=1))
-    shares = [p / 100 for p in range(101)]
-    k, p = max(((k, p) for k in steps for p in shares), key=lambda kp: f1(kp[1] * errors_at(dev, kp[0]), 1 - kp[1]))
-    acc_error, acc_correct = p * errors_at(test, k), 1 - p
+    n_steps = max((len(r["steps"]) for r in dev), default=1)
+    dev_share, test_share = errors_at(dev), errors_at(test)
+    k, p = max(((k, p / 100) for k in range(n_steps) for p in range(101)),
+               key=lambda kp: harmonic_mean(kp[1] * dev_share[kp[0]], 1 - kp[1]))
+    acc_error, acc_correct = p * test_share[k], 1 - p
     return {"step": k, "share_flagged": p, "acc_error": acc_error, "acc_correct": acc_correct,
-            "f1": f1(acc_error, acc_correct)}
+            "f1": harmonic_mean(acc_error, acc_correct)}
 
 
 def clean_nan(obj: Any) -> Any:
