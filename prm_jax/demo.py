@@ -541,13 +541,13 @@ def plot_report(report: dict[str, Any], out: str) -> None:
     srcs = ["mc", "judge", "consensus"]
     _bar_chart(os.path.join(out, "report_label_quality.png"), srcs,
                [100 * (lq[s]["first_error_accuracy"] or 0) for s in srcs], ["#4c72b0", "#dd8452", "#55a868"],
-               "first error matches truth (%)", "Label quality against the toy world's truth",
+               "first error matches truth (%)", f"Label quality against the truth (judge: {report['judge']})",
                notes=[f"n={lq[s]['n']}" for s in srcs])
     _bar_chart(os.path.join(out, "report_f1.png"), ["consensus", "MC only", "judge only", "outcome\nbaseline",
                                                      "content-\nblind"],
                [100 * (prm[k] or 0) for k in ("f1", "mc_f1", "judge_f1", "baseline_f1", "blind_f1")],
                ["#55a868", "#4c72b0", "#dd8452", "#999999", "#cccccc"], "held-out first-error F1 (%)",
-               "PRMs by training labels")
+               f"PRMs by training labels (judge: {report['judge']})")
 
 
 # -- driver ----------------------------------------------------------------------------------

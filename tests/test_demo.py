@@ -288,3 +288,84 @@ def test_demo_heldout_takes_more_policy_samples_before_injecting_errors(tmp_path
         assert all(r["id"].endswith("-more") and world.check_steps(r, r["steps"]).reason == "wrong_operation"
                    for r in wrong)
     assert len(read_jsonl(demo.path("heldout_samples.jsonl"))) == 6 * SIZES["tiny"].bon_n  # Best-of-N's draw
+
+
+def _arithmetic_judge(prompt: str) -> str:
+    """A server-side judge that reads the toy template's `Paragraph i: a OP b = c` lines and names the
+    first whose arithmetic is wrong (the only error kind in the solutions it is given)."""
+    import re
+
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
+    for index, text in re.findall(r"Paragraph (\d+): (.*)", prompt):
+        a, op, b, c = re.search(r"(\d+) ([-+*/]) (\d+) = (\d+)", text).groups()
+        if ops[op](int(a), int(b)) != int(c):
+            return f"Paragraph {index} is wrong. \\boxed{{{index}}}"
+    return "Every paragraph is right. \\boxed{-1}"
+
+
+@pytest.mark.parametrize("api", ["openai", "sglang"])
+def test_demo_judge_endpoint_swaps_in_a_server(tmp_path, api, toy_tokenizer_dir):
+    """`--judge-endpoint URL --judge-api sglang|openai`: the judge stage sends the critic's template to
+    a server (the loopback fixture, scripted as an arithmetic checker) and reads its verdicts."""
+    from judge_fixture import JudgeFixture
+
+    from prm_jax.demo import SIZES, Demo, Judge
+    from prm_jax.records import read_jsonl, write_jsonl
+    from prm_jax.toyworld import world
+
+    problems = world.generate_problems(12, seed=5, cfg=world.WorldConfig.tiny(), id_prefix="label")
+    solutions = world.sample_solutions(problems, seed=6, error_rate=0.6, kinds=("arithmetic",))
+    with JudgeFixture(script=_arithmetic_judge) as fx:
+        judge = Judge("endpoint", endpoint=fx.url, api=api, model="judge-m",
+                      tokenizer=toy_tokenizer_dir if api == "sglang" else None)
+        demo = Demo(str(tmp_path), SIZES["tiny"], judge, seed=0, quiet=True)
+        write_jsonl(demo.path("solutions.jsonl"), solutions)
+        demo.stage_judge()
+        assert fx.counts["/generate" if api == "sglang" else "/v1/chat/completions"] >= 1
+        assert all("Paragraph 0: " in p and "\\boxed{-1}" in p for p in fx.prompts_served)
+    judged = {r["id"]: r["judge"] for r in read_jsonl(demo.path("judge.jsonl"))}
+    truth = {s["id"]: world.check_steps(s, s["steps"]).first_error for s in solutions}
+    assert {i: j["first_error"] for i, j in judged.items()} == truth
+    assert 0 < sum(t >= 0 for t in truth.values()) < len(truth)
+    assert all(j["model"] == "judge-m" for j in judged.values())
+
+
+def test_demo_simulated_judge_moves_a_share_of_verdicts(tmp_path):
+    """`--judge simulated --judge-error-rate R`: the truth, each verdict moved elsewhere with
+    probability R, and labelled simulated in every record."""
+    from prm_jax.demo import SIZES, Demo, Judge
+    from prm_jax.records import read_jsonl, write_jsonl
+    from prm_jax.toyworld import world
+
+    problems = world.generate_problems(200, seed=7, cfg=world.WorldConfig.tiny(), id_prefix="label")
+    solutions = world.sample_solutions(problems, seed=8, error_rate=0.5)
+    truth = {s["id"]: world.check_steps(s, s["steps"]).first_error for s in solutions}
+    moved = {}
+    for rate in (0.0, 0.3, 1.0):
+        demo = Demo(str(tmp_path / str(rate)), SIZES["tiny"], Judge("simulated", error_rate=rate), seed=0, quiet=True)
+        os.makedirs(demo.out)
+        write_jsonl(demo.path("solutions.jsonl"), solutions)
+        demo.stage_judge()
+        judged = read_jsonl(demo.path("judge.jsonl"))
+        assert [r["id"] for r in judged] == [s["id"] for s in solutions]
+        assert all(r["judge"]["model"] == f"simulated(error_rate={rate})" for r in judged)
+        assert all(-1 <= r["judge"]["first_error"] < len(r["steps"]) for r in judged)
+        moved[rate] = sum(r["judge"]["first_error"] != truth[r["id"]] for r in judged) / len(judged)
+    assert moved[0.0] == 0 and moved[1.0] == 1 and 0.2 < moved[0.3] < 0.4, moved
+
+
+def test_demo_cli_judge_options(monkeypatch, tmp_path):
+    """The demo's judge flags become the Judge the stages use; an endpoint overrides --judge."""
+    import prm_jax.demo as demo_module
+    from prm_jax.cli import main
+    from prm_jax.demo import Judge
+
+    seen = []
+    monkeypatch.setattr(demo_module, "run_demo", lambda out, size, judge, *rest: seen.append(judge))
+    out = str(tmp_path / "run")
+    assert main(["demo", "--out", out]) == 0
+    assert main(["demo", "--out", out, "--judge", "simulated", "--judge-error-rate", "0.3"]) == 0
+    assert main(["demo", "--out", out, "--judge-endpoint", "http://127.0.0.1:30000", "--judge-api", "openai",
+                 "--judge-model", "m", "--judge", "simulated"]) == 0
+    assert seen == [Judge(), Judge("simulated", error_rate=0.3),
+                    Judge("endpoint", endpoint="http://127.0.0.1:30000", api="openai", model="m")]
