@@ -137,6 +137,44 @@ def test_demo_resume_skips_finished_stages_and_refuses_overwrite(demo_out):
     assert "report: done earlier, skipped" in resumed.stdout
 
 
+def test_demo_resumes_a_run_killed_inside_a_stage(demo_out, tmp_path):
+    """A copy of the finished run, set back to a kill in the middle of eval-judge: half its predictions
+    written and a torn line after them, no summary, no Best-of-N, no report. --resume skips every
+    finished stage, scores only the rest, and ends with the report of the uninterrupted run."""
+    import shutil
+
+    from prm_jax.demo import STAGES
+    from prm_jax.records import read_jsonl
+
+    run = str(tmp_path / "run")
+    shutil.copytree(demo_out, run)
+    with open(os.path.join(run, "report.json")) as f:
+        before = json.load(f)
+    for name in ("eval-judge", "report"):
+        os.remove(os.path.join(run, "stages", name))
+    os.remove(os.path.join(run, "report.json"))
+    os.remove(os.path.join(run, "eval_judge", "summary.json"))
+    shutil.rmtree(os.path.join(run, "bon_judge"))
+    pred_path = os.path.join(run, "eval_judge", "predictions.jsonl")
+    lines = open(pred_path).read().splitlines(keepends=True)
+    half = len(lines) // 2
+    with open(pred_path, "w") as f:
+        f.write("".join(lines[:half]) + lines[half][: len(lines[half]) // 2])
+
+    resumed = run_demo("--out", run, "--size", "tiny", "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    for name in STAGES:
+        skipped = f"[demo] {name}: done earlier, skipped" in resumed.stdout
+        assert skipped == (name not in ("eval-judge", "report")), name
+    rows = read_jsonl(pred_path)
+    assert len(rows) == len(lines) and len({r["key"] for r in rows}) == len(rows)
+    with open(os.path.join(run, "report.json")) as f:
+        after = json.load(f)
+    assert after["prm"]["judge_f1"] == pytest.approx(before["prm"]["judge_f1"])
+    assert after["prm"]["judge_detail"] == pytest.approx(before["prm"]["judge_detail"])
+    assert after["best_of_n"]["judge"] == before["best_of_n"]["judge"]
+
+
 def test_demo_set_changes_the_size_and_rejects_bad_keys():
     from prm_jax.demo import SIZES, resize
 
