@@ -156,7 +156,8 @@ def test_demo_resumes_a_run_killed_inside_a_stage(demo_out, tmp_path):
     os.remove(os.path.join(run, "eval_judge", "summary.json"))
     shutil.rmtree(os.path.join(run, "bon_judge"))
     pred_path = os.path.join(run, "eval_judge", "predictions.jsonl")
-    lines = open(pred_path).read().splitlines(keepends=True)
+    with open(pred_path) as f:
+        lines = f.readlines()
     half = len(lines) // 2
     with open(pred_path, "w") as f:
         f.write("".join(lines[:half]) + lines[half][: len(lines[half]) // 2])
