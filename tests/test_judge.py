@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from prm_jax.labeling import commands
+from prm_jax.labeling.consensus import consensus_filter, load_labelled
 from prm_jax.labeling.judge import (JudgeTemplate, Solution, judge_solutions, load_template, majority_vote,
                                     parse_template, parse_verdict, read_solutions)
 from prm_jax.labeling.judge_clients import (OpenAIClient, RetryPolicy, SamplingParams, SGLangClient,
@@ -62,8 +63,8 @@ PARSER_TABLE = [
      "conclusion", 1),
     ("conclusion: bold and lower case", "<analysis_1>ok</analysis_1>\n<analysis_2>x</analysis_2>\n"
      "<analysis_3>wrong sign</analysis_3>\n<conclusion>**incorrect**</conclusion>", 4, 1, "auto", 2),
-    ("conclusion: paragraph tags as analysis headers", "<paragraph_1> fine\n<paragraph_2> wrong\n"
-     "<conclusion>Incorrect</conclusion>", 3, 1, "conclusion", 1),
+    ("conclusion: paragraph tags are not analyses", "<paragraph_1> fine\n<paragraph_2> wrong\n"
+     "<conclusion>Incorrect</conclusion>", 3, 1, "conclusion", None),
     ("conclusion: Incorrect without any analysed paragraph", "The solution is wrong.\n"
      "<conclusion>Incorrect</conclusion>", 4, 1, "conclusion", None),
     ("conclusion: analysed paragraph beyond the solution", "<analysis_5>bad</analysis_5>"
@@ -105,9 +106,89 @@ def test_fixture_critique_matches_what_it_names():
             assert parse_verdict(conclusion_reply(fe, 5, base), 5, base) == fe
 
 
+# Replies that checked nothing (issue 24, item 5), on a 4-step solution numbered from 1. Each row was
+# misread before the parser's rules were tightened (old reading in the comment).
+_OK = "The computation checks out, so this paragraph is correct."
+
+
+def _analyses_ok(indices) -> str:
+    return "\n".join(f"<analysis_{k}>\n{_OK}\n</analysis_{k}>" for k in indices)
+
+
+_ANALYSES_OK = _analyses_ok(range(1, 5))
+UNCHECKED = {
+    # old: -1. A verdict with no analysis at all.
+    "bare_correct": ("<conclusion>Correct</conclusion>", 4, None),
+    # old: -1. Only paragraph 1 was analysed; "Correct" speaks for paragraphs 2-4 unchecked.
+    "first_only_then_correct": (f"<analysis_1>\n{_OK}\n</analysis_1>\n\n<conclusion>Correct</conclusion>", 4, None),
+    # old: -1. The one analysis calls its paragraph incorrect, the conclusion says Correct.
+    "incorrect_then_correct": ("<analysis_1>\n3 + 12 = 16 is incorrect.\n</analysis_1>\n"
+                               "<conclusion>Correct</conclusion>", 1, None),
+    # old: -1. Every paragraph analysed, the first called incorrect, still "Correct".
+    "all_analysed_first_incorrect_then_correct": (
+        _ANALYSES_OK.replace(_OK, "The sum is wrong, so this paragraph is incorrect.", 1)
+        + "\n<conclusion>Correct</conclusion>", 4, None),
+    # old: -1. Cut off while thinking; the "Correct" is a draft inside the open <think>.
+    "unclosed_think_drafts_correct": ("<think>\nLet me draft the critique.\n" + _ANALYSES_OK
+                                      + "\n<conclusion>Correct</conclusion>\nHmm, but paragraph 3 divides", 4, None),
+    # old: 2 (the quoted \boxed{3} read as paragraph 3). Cut off before its conclusion.
+    "cut_off_quoting_boxed_answer": ("<analysis_1>\nThis paragraph is correct.\n</analysis_1>\n<analysis_2>\n"
+                                     "The solution's final answer \\boxed{3} rests on this product, but 15 * 4", 4, None),
+    # old: 2 (the quoted <paragraph_3> read as the last analysed paragraph). The error is paragraph 2.
+    "error_analysis_mentions_later_paragraph": (
+        f"<analysis_1>\n{_OK}\n</analysis_1>\n<analysis_2>\nThe paragraph claims 15 * 4 = 64, which is incorrect; "
+        "<paragraph_3> builds on it.\n</analysis_2>\n<conclusion>Incorrect</conclusion>", 4, 1),
+}
+
+
+@pytest.mark.parametrize("style", ["conclusion", "auto"])
+@pytest.mark.parametrize("name", list(UNCHECKED))
+def test_replies_that_checked_nothing(name, style):
+    reply, n, expected = UNCHECKED[name]
+    assert parse_verdict(reply, n, 1, style) == expected
+
+
+# The rules' positive and edge cases: (reply, n_steps, index_base, style, expected).
+RULES_TABLE = [
+    ("full correct analysis", _ANALYSES_OK + "\n<conclusion>Correct</conclusion>", 4, 1, "conclusion", -1),
+    ("full correct analysis, 0-based", _analyses_ok(range(4)) + "\n<conclusion>Correct</conclusion>",
+     4, 0, "conclusion", -1),
+    ("closed think is ignored", "<think>\n<conclusion>Incorrect</conclusion>\n</think>\n" + _ANALYSES_OK
+     + "\n<conclusion>Correct</conclusion>", 4, 1, "conclusion", -1),
+    ("analyses left open are read to the next tag", "<analysis_1> fine, correct\n<analysis_2> 15 * 4 = 64 is "
+     "wrong\n<conclusion>Incorrect</conclusion>", 4, 1, "conclusion", 1),
+    ("incorrect at 3 (1-based)", "<analysis_1>ok</analysis_1><analysis_2>ok</analysis_2><analysis_3>not correct"
+     "</analysis_3><conclusion>Incorrect</conclusion>", 4, 1, "conclusion", 2),
+    ("incorrect at 0 (0-based)", "<analysis_0>This isn't correct.</analysis_0><conclusion>Incorrect</conclusion>",
+     4, 0, "conclusion", 0),
+    ("incorrect after a skipped paragraph", "<analysis_1>ok</analysis_1><analysis_3>wrong</analysis_3>"
+     "<conclusion>Incorrect</conclusion>", 4, 1, "conclusion", None),
+    ("incorrect, an earlier analysis already said incorrect", "<analysis_1>incorrect</analysis_1>"
+     "<analysis_2>incorrect too</analysis_2><conclusion>Incorrect</conclusion>", 4, 1, "conclusion", None),
+    ("incorrect at an analysis revisited out of order", "<analysis_1>ok</analysis_1><analysis_2>ok</analysis_2>"
+     "<analysis_1>on reflection, wrong</analysis_1><conclusion>Incorrect</conclusion>", 4, 1, "conclusion", None),
+    ("bare analysis_ words are no tags", "analysis_1: fine. analysis_2: wrong.\n<conclusion>Incorrect</conclusion>",
+     4, 1, "conclusion", None),
+    ("correct with analyses past the last step", _ANALYSES_OK + "\n<analysis_5>ok</analysis_5>\n"
+     "<conclusion>Correct</conclusion>", 4, 1, "conclusion", None),
+    ("'incorrectly' is not the word 'incorrect'", _ANALYSES_OK.replace(_OK, "Not done incorrectly; "
+     "correct.", 1) + "<conclusion>Correct</conclusion>", 4, 1, "conclusion", -1),
+    ("boxed style keeps its boxed rule despite analyses", "<analysis_0>ok</analysis_0>\n\\boxed{2}", 4, 0,
+     "boxed", 2),
+    ("boxed style: unclosed think", "<think>paragraph 2 looks off \\boxed{2}", 4, 0, "boxed", None),
+]
+
+
+@pytest.mark.parametrize("name,reply,n,base,style,expected", RULES_TABLE, ids=[r[0] for r in RULES_TABLE])
+def test_conclusion_rules(name, reply, n, base, style, expected):
+    assert parse_verdict(reply, n, base, style) == expected
+
+
 @pytest.mark.parametrize("votes,expected", [
-    ([2], 2), ([2, 2, 1], 2), ([None, None, -1], -1), ([None, None], None), ([1, 2], None),
-    ([1, 2, None, 2], 2), ([-1, -1, 3, 3], None), ([], None),
+    ([2], 2), ([None], None), ([2, 2, 1], 2), ([1, 2, None, 2], 2), ([2, 2, 1, None], 2),
+    ([None, None], None), ([1, 2], None), ([-1, -1, 3, 3], None), ([1, 2, 3], None), ([], None),
+    # a lone or half-share readable reply among unreadable ones does not decide
+    ([None, None, -1], None), ([-1, None], None), ([2, 2, None, None], None), ([-1, None, None, None, -1], None),
 ])
 def test_majority_vote(votes, expected):
     assert majority_vote(votes) == expected
@@ -321,6 +402,46 @@ def test_samples_majority_vote_and_cache(tmp_path):
         s = run(judge_with(client, sols, tmp_path / "t05.jsonl", samples=1, cache_path=f"{out}.cache.jsonl"))
         assert s.requests == 4 and s.cache_hits == 0
 
+
+def test_unchecked_replies_end_to_end_are_null_and_dropped(tmp_path):
+    """Replies that checked nothing, served by the loopback server through the OpenAI client, are
+    written with judge.first_error null (one sample, and three samples where only one parsed), and
+    consensus filtering drops them even where MC says "no error"."""
+    replies = {0: UNCHECKED["bare_correct"][0], 1: UNCHECKED["unclosed_think_drafts_correct"][0],
+               2: UNCHECKED["cut_off_quoting_boxed_answer"][0], 3: UNCHECKED["error_analysis_mentions_later_paragraph"][0],
+               4: _ANALYSES_OK + "\n<conclusion>Correct</conclusion>"}
+    expected = {0: None, 1: None, 2: None, 3: 1, 4: -1}
+    sols = [Solution({"id": i, "problem": f"<case-{i}> Problem {i}.", "steps": [f"step {k}" for k in range(4)]},
+                     f"mem:{i}") for i in replies]
+    served: dict[str, int] = {}
+
+    def script(prompt):
+        i = int(prompt.split("<case-", 1)[1].split(">", 1)[0])
+        k = served.get(prompt, 0)
+        served[prompt] = k + 1
+        # with several samples, case 4's later samples are unreadable: one "-1" among two nulls
+        return replies[i] if i != 4 or k == 0 else GARBAGE_REPLY
+
+    out, voted = tmp_path / "out.jsonl", tmp_path / "voted.jsonl"
+    with JudgeFixture(script=script) as fx:
+        s = run(judge_with(OpenAIClient(fx.url, "judge-m", SamplingParams(), concurrency=2, retry=FAST), sols, out))
+        served.clear()
+        run(judge_with(OpenAIClient(fx.url, "judge-m", SamplingParams(), concurrency=2, retry=FAST), sols[4:], voted,
+                       samples=3))
+    recs = {r["id"]: r for r in read_out(out)}
+    assert {i: r["judge"]["first_error"] for i, r in recs.items()} == expected
+    assert all(recs[i]["judge"]["raw"] == replies[i] for i in replies) and s.unparsed == 3
+    [v] = read_out(voted)
+    assert v["judge"]["first_error"] is None and sorted(v["judge"]["votes"], key=str) == [-1, None, None]
+
+    # MC says "no error" everywhere: only the record the judge read as -1 agrees and is kept.
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps({**sol.record, "mc": {"n": 4, "correct": [4] * 4, "first_error": -1}}) + "\n"
+                          for sol in sols))
+    kept, report = consensus_filter(load_labelled(str(mc), "mc"), load_labelled(str(out), "judge"))
+    assert [r["id"] for r in kept] == [4] and report["dropped_unparsed"] == 3 and report["dropped_disagree"] == 1
+    kept, report = consensus_filter(load_labelled(str(mc), "mc"), load_labelled(str(voted), "judge"))
+    assert kept == [] and report["dropped_unparsed"] == 1
 
 def _cli(*args) -> list[str]:
     return [sys.executable, "-m", "prm_jax.labeling.commands", *map(str, args)]

@@ -4,12 +4,14 @@ A judge reads a problem and its numbered steps and names the first wrong step. T
 plain files with YAML front matter (see judge_templates/default.txt); the front matter fixes the
 step numbering base and which reply style is read first. Two reply styles are understood:
 
-- per-paragraph analyses (`<analysis_k>` ... ) ending in `<conclusion>Correct|Incorrect</conclusion>`:
-  Incorrect means the last analysed paragraph is the first wrong one;
+- per-paragraph analyses (`<analysis_k>` ... `</analysis_k>`) ending in
+  `<conclusion>Correct|Incorrect</conclusion>` (rules in `_read_conclusion`): a verdict needs its
+  conclusion and an analysis of every step it speaks for;
 - a paragraph index in the last `\\boxed{k}` (-1 = no wrong paragraph), as ProcessBench's critic prompt.
 
 `parse_verdict` returns the 0-based first error, -1 for "all correct", or None when the reply
-cannot be read. None is never turned into -1: consensus filtering drops such records.
+cannot be read. None is never turned into -1: consensus filtering drops such records, and
+`majority_vote` lets no verdict win on a minority of readable replies.
 
 `judge_file` runs the whole stage: it renders prompts, answers what it can from an on-disk reply
 cache, sends the rest through a client (judge_clients.py) with bounded concurrency, and writes
@@ -121,9 +123,17 @@ def load_template(name_or_path: str | os.PathLike = "default") -> JudgeTemplate:
 
 # --------------------------------------------------------------------------- parser
 
+_THINK_OPEN = re.compile(r"<think>", re.I)
 _THINK_END = re.compile(r"</think>", re.I)
 _CONCLUSION = re.compile(r"<conclusion>\s*\**\s*(.*?)\s*\**\s*</conclusion>", re.I | re.S)
-_ANALYSIS_TAG = re.compile(r"<(?:analysis|paragraph)_(\d+)>", re.I)
+# Whole tags only: `<analysis_3>`, never `<paragraph_3>` (a critique quotes the solution's tags)
+# nor a bare `analysis_3`.
+_ANALYSIS_OPEN = re.compile(r"<analysis_(\d+)>", re.I)
+_ANALYSIS_CLOSE = "</analysis_{}>"
+_CONCLUSION_STYLE = re.compile(r"</?(?:analysis_\d+|conclusion)>", re.I)
+# How an analysis calls its step wrong: the verdict words the default template asks for
+# ("decide whether it is correct"), as the fixture's and the toy critic's critiques write them.
+_CALLS_INCORRECT = re.compile(r"\bincorrect\b|(?:\bnot|n't)\s+correct\b", re.I)
 _INT = re.compile(r"[+-]?\d+")
 
 
@@ -160,34 +170,79 @@ def _read_boxed(reply: str, n_steps: int, base: int) -> int | None:
     return _from_index(int(content), n_steps, base)
 
 
+def _analyses(text: str) -> list[tuple[int, str]]:
+    """(k, body) for each `<analysis_k>` in order. A body runs to its `</analysis_k>`, or, when
+    the judge left it open, to the next `<analysis_j>` (or the end of `text`)."""
+    opens = list(_ANALYSIS_OPEN.finditer(text))
+    out = []
+    for m, nxt in zip(opens, opens[1:] + [None]):
+        body = text[m.end(): nxt.start() if nxt else len(text)]
+        close = body.lower().find(_ANALYSIS_CLOSE.format(m.group(1)))
+        out.append((int(m.group(1)), body if close < 0 else body[:close]))
+    return out
+
+
 def _read_conclusion(reply: str, n_steps: int, base: int) -> int | None:
-    found = _CONCLUSION.findall(reply)
+    """The verdict of a per-paragraph critique, or None. Only the text before the last
+    `<conclusion>` counts as analyses. Rules (n steps numbered base..base+n-1):
+
+    - no `<conclusion>`, or a word other than Correct/Incorrect in it: None;
+    - the analysed indices must be exactly base..last, where last is the index of the final
+      `<analysis_k>` (every step up to the one the verdict is about, nothing past it; repeats are
+      allowed): a reply that skipped a step, or analysed none, checked nothing it could vouch for;
+    - an analysis "calls its step incorrect" when its body has the word "incorrect" or
+      "not correct"/"n't correct" (case-insensitive, whole words);
+    - Correct: last must be the final step and no analysis may call its step incorrect (else the
+      reply contradicts itself) -> -1;
+    - Incorrect: the final analysis names the first wrong step, last - base; an earlier analysis
+      that already called its step incorrect (the template says to stop there) makes the first
+      error ambiguous -> None. The final analysis's own wording is not checked (it may say "wrong").
+    """
+    found = list(_CONCLUSION.finditer(reply))
     if not found:
         return None
-    word = found[-1].strip().strip(".*").strip().lower()
+    word = found[-1].group(1).strip().strip(".*").strip().lower()
+    if word not in ("correct", "incorrect"):
+        return None
+    analyses = _analyses(reply[: found[-1].start()])
+    if not analyses:
+        return None
+    last = analyses[-1][0]
+    if {k for k, _ in analyses} != set(range(base, last + 1)):
+        return None
+    called_incorrect = {k for k, body in analyses if _CALLS_INCORRECT.search(body)}
     if word == "correct":
-        return -1
-    if word != "incorrect":
+        return -1 if last == base + n_steps - 1 and not called_incorrect else None
+    if called_incorrect - {last}:
         return None
-    before = reply[: reply.lower().rfind("<conclusion>")]
-    tags = _ANALYSIS_TAG.findall(before)
-    if not tags:
-        return None
-    return _from_index(int(tags[-1]), n_steps, base)
+    return _from_index(last, n_steps, base)
 
 
 def parse_verdict(reply: str | None, n_steps: int, index_base: int = 1, style: str = "auto") -> int | None:
     """The 0-based first wrong step named by `reply`, -1 if none, None if it cannot be told.
 
-    `style` only orders the two readers: "conclusion" and "auto" try <conclusion> first (a
-    critique may quote a solution's own \\boxed{answer}), "boxed" tries the last \\boxed{} first.
+    A closed `<think>...</think>` block is a reasoning model's hidden draft: only the text after
+    the last `</think>` is read. A `<think>` still open there means the reply was cut off while
+    thinking: None, whatever the draft says.
+
+    `style` picks the readers: "conclusion" reads only the <conclusion> style (a critique may quote
+    the solution's own \\boxed{answer}, so \\boxed{} is never its fallback); "auto" reads a reply
+    with any <analysis_k>/<conclusion> tag as that style and any other by its last \\boxed{};
+    "boxed" (ProcessBench's critic) tries the last \\boxed{} first, then the conclusion style.
     An index outside the solution's steps is None, never clipped."""
     if not reply or n_steps <= 0:
         return None
     ends = [m.end() for m in _THINK_END.finditer(reply)]
-    if ends:  # a reasoning model's hidden thoughts are not the verdict
+    if ends:
         reply = reply[ends[-1]:]
-    readers = (_read_boxed, _read_conclusion) if style == "boxed" else (_read_conclusion, _read_boxed)
+    if _THINK_OPEN.search(reply):
+        return None
+    if style == "boxed":
+        readers = (_read_boxed, _read_conclusion)
+    elif style == "conclusion" or _CONCLUSION_STYLE.search(reply):
+        readers = (_read_conclusion,)
+    else:
+        readers = (_read_boxed,)
     for read in readers:
         verdict = read(reply, n_steps, index_base)
         if verdict is not None:
@@ -196,14 +251,14 @@ def parse_verdict(reply: str | None, n_steps: int, index_base: int = 1, style: s
 
 
 def majority_vote(verdicts: Sequence[int | None]) -> int | None:
-    """The verdict most samples agree on; None when no sample parsed or the top count is tied."""
-    counts = collections.Counter(v for v in verdicts if v is not None)
-    if not counts:
+    """The verdict of several samples, or None. A verdict needs more than half of all samples to
+    be readable AND more than half of the readable ones to name it: a lone readable reply among
+    unreadable ones never decides, and ties are None. One sample decides alone when it parsed."""
+    parsed = [v for v in verdicts if v is not None]
+    if 2 * len(parsed) <= len(verdicts):
         return None
-    (top, n), *rest = counts.most_common()
-    if rest and rest[0][1] == n:
-        return None
-    return top
+    top, n = collections.Counter(parsed).most_common(1)[0]
+    return top if 2 * n > len(parsed) else None
 
 
 # --------------------------------------------------------------------------- cache
