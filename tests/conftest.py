@@ -44,3 +44,48 @@ def toy_tokenizer(toy_tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(toy_tokenizer_dir)
+
+
+QWEN25_EXTRA_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+                        "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+                        "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+@pytest.fixture(scope="session")
+def qwen25_tokenizer_dir(tmp_path_factory) -> str:
+    """A stock-Qwen2.5-shaped tokenizer: a small byte-level BPE trained here, its vocabulary padded with unreachable
+    filler tokens to 151643 entries, then Qwen2.5's 22 added tokens in Qwen2.5's order, so `<|endoftext|>` is
+    151643, `<|im_start|>` 151644, `<|im_end|>` 151645, ..., `<|quad_end|>` 151651, ..., `<|file_sep|>` 151664 (and
+    no `<extra_0>`), with Qwen's ChatML template. Built once per session (a few seconds)."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from prm_jax.models.qwen_vocab import FIRST_ADDED_ID, QWEN25_ADDED_TOKENS
+    from prm_jax.toyworld.tokenizer import CHAT_TEMPLATE
+
+    def fresh(model):
+        tok = Tokenizer(model)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        tok.decoder = decoders.ByteLevel()
+        return tok
+
+    small = fresh(models.BPE())
+    small.train_from_iterator(TOY_TEXTS, trainers.BpeTrainer(
+        vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    model_json = json.loads(small.to_str())["model"]
+    vocab = dict(model_json["vocab"])
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model_json["merges"]]
+    for i in range(len(vocab), FIRST_ADDED_ID):  # unreachable: no merge produces them
+        vocab[f"<|filler_{i}|>"] = i
+    tok = fresh(models.BPE(vocab=vocab, merges=merges))
+    for name in QWEN25_ADDED_TOKENS:  # Qwen2.5 marks the first 14 special, the tool/FIM/repo ones not
+        tok.add_tokens([AddedToken(name, normalized=False, special=QWEN25_ADDED_TOKENS.index(name) < 14)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=QWEN25_EXTRA_SPECIAL, clean_up_tokenization_spaces=False)
+    fast.chat_template = CHAT_TEMPLATE
+    out = str(tmp_path_factory.mktemp("qwen25_tokenizer"))
+    fast.save_pretrained(out)
+    return out

@@ -235,18 +235,20 @@ def test_tokenizer_copied_and_loadable(tmp_path, toy_tokenizer_dir, toy_tokenize
     assert tok.convert_tokens_to_ids("<extra_0>") == toy_tokenizer.convert_tokens_to_ids("<extra_0>")
 
 
-def test_official_prm_step_token_is_checked(tmp_path, toy_tokenizer_dir):
-    """An official-size PRM checkpoint whose tokenizer maps <extra_0> elsewhere than 151651 is refused
-    (before any weight is read, so a header-only weights file is enough here)."""
+def test_official_prm_step_token_is_checked(tmp_path, qwen25_tokenizer_dir):
+    """A PRM checkpoint in the official (Qwen2.5) vocabulary whose tokenizer has `<extra_0>` appended as a new
+    id (151665, what a Qwen2.5 init got before the rename) rather than at 151651 is refused, before any weight
+    is read (so a header-only weights file is enough here)."""
     cfg = Qwen2Config(vocab_size=151_936, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
                       num_kv_heads=1)
     hf = {**cfg.to_hf(), "architectures": ["Qwen2ForProcessRewardModel"], "num_labels": 2}
     (tmp_path / "config.json").write_text(json.dumps(hf))
     np_save_file({"score.0.weight": np.zeros((8, 8), np.float32)}, tmp_path / "model.safetensors")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(f"{toy_tokenizer_dir}/{f}", tmp_path / f)
-    wrong_id = AutoTokenizer.from_pretrained(toy_tokenizer_dir).convert_tokens_to_ids("<extra_0>")
-    with pytest.raises(CheckpointError, match=rf"'<extra_0>' to {wrong_id}.*151651"):
+    tok = AutoTokenizer.from_pretrained(qwen25_tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<extra_0>"]}, replace_extra_special_tokens=False)
+    tok.save_pretrained(tmp_path)
+    assert tok.convert_tokens_to_ids("<extra_0>") == 151_665
+    with pytest.raises(CheckpointError, match=r"'<extra_0>' to 151665.*official Qwen2\.5 vocabulary.*151651"):
         load_prm(tmp_path)
 
 

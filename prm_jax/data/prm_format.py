@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+from prm_jax.models.qwen_vocab import adopt_official_step_token
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -18,8 +20,9 @@ OFFICIAL_STEP_TOKEN_ID = 151651  # id of <extra_0> in the Qwen2.5 tokenizers
 
 
 def resolve_step_token(tokenizer, step_token: str | int = DEFAULT_STEP_TOKEN) -> int:
-    """The id of the step token. An int is taken as an id (checked against the vocab); a name the
-    tokenizer lacks is added as a special token and the new id is logged."""
+    """The id of the step token. An int is taken as an id (checked against the vocab); `<extra_0>` missing from a
+    stock Qwen2.5 tokenizer takes id 151651 (renamed from `<|quad_end|>`, the released PRM's layout); any other
+    name the tokenizer lacks is added as a special token and the new id is logged."""
     if isinstance(step_token, int) or (isinstance(step_token, str) and step_token.isdigit()):
         token_id = int(step_token)
         if not 0 <= token_id < len(tokenizer):
@@ -28,6 +31,8 @@ def resolve_step_token(tokenizer, step_token: str | int = DEFAULT_STEP_TOKEN) ->
     vocab = tokenizer.get_vocab()
     if step_token in vocab:
         return vocab[step_token]
+    if (token_id := adopt_official_step_token(tokenizer, step_token)) is not None:  # Qwen2.5: 151651 renamed
+        return token_id
     tokenizer.add_special_tokens({"additional_special_tokens": [step_token]}, replace_extra_special_tokens=False)
     token_id = tokenizer.convert_tokens_to_ids(step_token)
     log.warning("tokenizer had no step token %r; added it as a special token with id %d", step_token, token_id)

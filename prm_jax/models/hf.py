@@ -35,6 +35,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from tqdm.auto import tqdm
 
 from prm_jax.data.prm_format import OFFICIAL_STEP_TOKEN_ID
+from prm_jax.models import qwen_vocab as qv
 from prm_jax.models.prm import Qwen2PRM
 from prm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from prm_jax.parallel.mesh import make_mesh, state_shardings
@@ -48,6 +49,11 @@ INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "tokenizer.model")
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+# A PRM export carries our transformers modeling file; auto_map makes AutoModel(ForTokenClassification)
+# .from_pretrained(dir, trust_remote_code=True) build the PRM from it (no transformers class is one).
+MODELING_FILE = "modeling_prm_jax.py"
+PRM_AUTO_MAP = {"AutoModel": "modeling_prm_jax.Qwen2ForProcessRewardModel",
+                "AutoModelForTokenClassification": "modeling_prm_jax.Qwen2ForProcessRewardModel"}
 _READ_CHUNK_BYTES = 16 * 2**20  # transient host buffer per read
 _PROGRESS_BYTES = 2**28  # show a progress bar for checkpoints above this size
 _ALIGN = 64  # the CPU backend adopts numpy buffers aligned like this without copying
@@ -268,14 +274,22 @@ def load_tokenizer(path: str | os.PathLike):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def check_official_step_token(path: str | os.PathLike, tokenizer=None) -> None:
-    """The released Qwen2.5-Math-PRM scores at `<extra_0>` = 151651; a tokenizer that disagrees would make
-    every step reward silently wrong, so refuse it."""
+def check_step_token(path: str | os.PathLike, hf: dict[str, Any], tokenizer=None) -> None:
+    """Refuse a PRM whose tokenizer would put the step token elsewhere than the model scores, which would make
+    every step reward silently wrong: config.json's `step_token_id` (written by save_hf) must be the tokenizer's
+    id of the step token, and a checkpoint in the official vocabulary (Qwen2.5's added-token table, the released
+    Qwen2.5-Math-PRM's) must have `<extra_0>` at 151651."""
     tokenizer = tokenizer or load_tokenizer(path)
-    got = tokenizer.convert_tokens_to_ids("<extra_0>")
-    if got != OFFICIAL_STEP_TOKEN_ID:
-        raise CheckpointError(f"{path}: tokenizer maps '<extra_0>' to {got}, but the official Qwen2.5-Math-PRM "
-                              f"expects {OFFICIAL_STEP_TOKEN_ID}; this tokenizer does not belong to the checkpoint")
+    name = hf.get("step_token") or qv.STEP_TOKEN
+    got = tokenizer.get_vocab().get(name)
+    want = hf.get("step_token_id")
+    if want is not None and got != want:
+        raise CheckpointError(f"{Path(path) / 'config.json'}: step_token_id is {want}, but the tokenizer maps "
+                              f"{name!r} to {got}; this tokenizer does not belong to the checkpoint")
+    if qv.is_official_vocabulary(tokenizer) and got != OFFICIAL_STEP_TOKEN_ID:
+        raise CheckpointError(f"{path}: tokenizer maps {name!r} to {got}, but a PRM in the official Qwen2.5 "
+                              f"vocabulary scores at {OFFICIAL_STEP_TOKEN_ID} ('<extra_0>', renamed from "
+                              f"'<|quad_end|>'); this tokenizer does not belong to the checkpoint")
 
 
 def _resolve_mesh(mesh) -> Mesh | None:
@@ -293,8 +307,8 @@ def _load(path, kind: str, mesh, dtype, param_dtype, seed: int) -> nnx.Module:
     param_dtype = str(np.dtype(param_dtype or _stored_dtype(hf, entries)))
     cfg = Qwen2Config.from_hf(hf, source=str(path / "config.json"), param_dtype=param_dtype,
                               dtype=str(np.dtype(dtype or param_dtype)))
-    if kind == "prm" and is_prm and cfg.vocab_size >= 151_000 and has_tokenizer(path):
-        check_official_step_token(path)
+    if kind == "prm" and is_prm and has_tokenizer(path):
+        check_step_token(path, hf)
     mesh = _resolve_mesh(mesh)
 
     model_cls = Qwen2PRM if kind == "prm" else Qwen2ForCausalLM
@@ -386,19 +400,64 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def hf_config(model: nnx.Module) -> dict[str, Any]:
+def hf_config(model: nnx.Module, step_token: tuple[str | None, int] | None = None) -> dict[str, Any]:
+    """config.json of `model`; a PRM's names its modeling file (auto_map) and, when known, its step token
+    (`step_token`, `step_token_id`: what load_prm checks the tokenizer against)."""
     cfg = model.cfg.to_hf()
     if isinstance(model, Qwen2PRM):
-        cfg.update(architectures=[PRM_ARCHITECTURE], num_labels=int(model.score.dense_out.kernel.shape[1]))
+        cfg.update(architectures=[PRM_ARCHITECTURE], num_labels=int(model.score.dense_out.kernel.shape[1]),
+                   auto_map=dict(PRM_AUTO_MAP))
+        if step_token is not None:
+            name, token_id = step_token
+            cfg.update(**({"step_token": name} if name else {}), step_token_id=int(token_id))
     return cfg
 
 
+def _export_step_token(out: Path, source: Path, step_token_id: int | None, vocab_size: int) -> tuple[str, int] | None:
+    """Settle the step token of a PRM export whose tokenizer files are already copied to `out`: a stock
+    Qwen2.5 tokenizer gets 151651 renamed to `<extra_0>` (the released PRM's layout) unless another id was
+    asked for; without `step_token_id` the tokenizer's `<extra_0>` is the step token."""
+    if step_token_id in (None, OFFICIAL_STEP_TOKEN_ID) and qv.adopt_official_step_token_files(out):
+        log.info("%s: Qwen2.5 tokenizer: id %d renamed to %s in the export", out, OFFICIAL_STEP_TOKEN_ID,
+                 qv.STEP_TOKEN)
+    _ensure_added_tokens_decoder(out)
+    tokenizer = load_tokenizer(out)
+    if step_token_id is None:
+        step_token_id = tokenizer.get_vocab().get(qv.STEP_TOKEN)
+        if step_token_id is None:
+            log.warning("%s: tokenizer has no %s; config.json gets no step_token_id", source, qv.STEP_TOKEN)
+            return None
+    name = tokenizer.convert_ids_to_tokens(int(step_token_id)) if 0 <= step_token_id < len(tokenizer) else None
+    if name is None or step_token_id >= vocab_size:
+        raise CheckpointError(f"{source}: step token id {step_token_id} is outside the tokenizer's vocabulary of "
+                              f"{len(tokenizer)} or the model's of {vocab_size}")
+    return name, int(step_token_id)
+
+
+def _ensure_added_tokens_decoder(out: Path) -> None:
+    """transformers 5 no longer writes `added_tokens_decoder` into tokenizer_config.json; older readers (and
+    the released PRM's files) carry it, so an export states its added tokens (the step token among them)
+    in both tokenizer.json and tokenizer_config.json."""
+    tok_file, cfg_file = out / "tokenizer.json", out / "tokenizer_config.json"
+    if not (tok_file.is_file() and cfg_file.is_file()):
+        return
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    if cfg.get("added_tokens_decoder"):
+        return
+    fields = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+    added = json.loads(tok_file.read_text(encoding="utf-8")).get("added_tokens", [])
+    cfg["added_tokens_decoder"] = {str(e["id"]): {k: e[k] for k in fields if k in e} for e in added}
+    cfg_file.write_text(json.dumps(cfg, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
 def save_hf(model: nnx.Module, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
-            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, *, step_token_id: int | None = None) -> Path:
     """Write `model` as a Hugging Face directory: a policy in transformers' Qwen2ForCausalLM layout, a PRM in
-    the Qwen2.5-Math-PRM layout. Shards above `max_shard_bytes` (with an index); tokenizer files of
-    `tokenizer_dir` copied alongside. Gathers one tensor at a time; on multi-host runs every process must
-    call this, process 0 writes."""
+    the Qwen2.5-Math-PRM layout plus our modeling file and `auto_map` (so transformers loads it as the PRM with
+    trust_remote_code=True) and its step token id in config.json (`step_token_id`: given, else the tokenizer's
+    `<extra_0>`; a stock Qwen2.5 tokenizer gets 151651 renamed to `<extra_0>` in the copy). Shards above
+    `max_shard_bytes` (with an index); tokenizer files of `tokenizer_dir` copied alongside. Gathers one tensor
+    at a time; on multi-host runs every process must call this, process 0 writes."""
     if not isinstance(model, (Qwen2ForCausalLM, Qwen2PRM)):
         raise TypeError(f"save_hf expects a Qwen2ForCausalLM or Qwen2PRM, got {type(model).__name__}")
     out = Path(out_dir)
@@ -453,9 +512,18 @@ def save_hf(model: nnx.Module, out_dir: str | os.PathLike, tokenizer_dir: str | 
         index = {"metadata": {"total_size": sum(math.prod(s) * d.itemsize for _, s, d, _ in plan)},
                  "weight_map": {item[0]: name for name, items in zip(names, shards) for item in items}}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(hf_config(model), indent=2) + "\n")
     for f in tok_files:
         shutil.copyfile(Path(tokenizer_dir) / f, out / f)
+    step = None
+    if isinstance(model, Qwen2PRM):
+        if tok_files:
+            step = _export_step_token(out, Path(tokenizer_dir), step_token_id, model.cfg.vocab_size)
+        elif step_token_id is not None:
+            step = (None, step_token_id)
+        shutil.copyfile(Path(__file__).with_name(MODELING_FILE), out / MODELING_FILE)
+    else:
+        (out / MODELING_FILE).unlink(missing_ok=True)  # a PRM exported here before
+    (out / "config.json").write_text(json.dumps(hf_config(model, step), indent=2) + "\n")
     return out
 
 
