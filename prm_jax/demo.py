@@ -32,13 +32,14 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from prm_jax.records import read_jsonl, write_jsonl
+from prm_jax.records import OutputLock, read_jsonl, write_jsonl
 
 STAGES = ("world", "policy", "sample", "rollout", "critic", "judge", "filter", "prm-consensus", "prm-mc",
           "prm-judge", "heldout", "eval-consensus", "eval-mc", "eval-judge", "report")
 LABEL_SETS = ("consensus", "mc", "judge")
 DEMO_SETS_MODEL = ("vocab_size", "max_position_embeddings")  # model fields stage_world sets itself
 SETTINGS_FILE = "demo_settings.json"
+LOCK_FILE = "demo.lock"  # held by the run writing the directory (records.OutputLock)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -562,8 +563,15 @@ def _compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def run_demo(out: str, size: str = "tiny", judge: Judge = Judge(), seed: int = 0, resume: bool = False,
-             quiet: bool = False, assignments: Sequence[str] = ()) -> dict[str, Any]:
+def run_demo(out: str, *args, **kwargs) -> dict[str, Any]:
+    """`_run_demo` holding the run directory's lock: a second run on it stops before touching it."""
+    os.makedirs(out, exist_ok=True)
+    with OutputLock(out, os.path.join(out, LOCK_FILE)):
+        return _run_demo(out, *args, **kwargs)
+
+
+def _run_demo(out: str, size: str = "tiny", judge: Judge = Judge(), seed: int = 0, resume: bool = False,
+                        quiet: bool = False, assignments: Sequence[str] = ()) -> dict[str, Any]:
     """Run (or with `resume`, continue) the demo, its size changed by `assignments` (see `resize`);
     returns the report."""
     demo = Demo(out, resize(SIZES[size], assignments), judge, seed, quiet)

@@ -4,12 +4,23 @@ Every stage of the pipeline reads one JSONL file and appends to another. The wri
 what makes a stage resumable: each record is one `write` of one complete line on an O_APPEND
 descriptor, a torn last line left by a kill -9 is cut off when the file is reopened, and the
 ids already written are skipped on restart, so no record is ever duplicated or truncated.
+
+Resuming is only safe with one writer per file: two runs on the same output would both see the same
+ids as missing and both append them. So every writer first takes `OutputLock` on `<out>.lock`, an
+flock the kernel drops when the holder exits, kill -9 included; a second live run stops at once
+with an `OutputLockedError` naming the holder's pid, host and start time, written in the lock file.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
 import os
+import socket
+import time
+import warnings
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -112,8 +123,166 @@ def repair_tail(path: str) -> int:
         return size - keep
 
 
+class OutputLockedError(RuntimeError):
+    """Another live run is writing this output; the one-line message names the output and the holder."""
+
+
+# flock errors that mean "this filesystem has no locks", not "someone holds it".
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+_HOLDER_WAIT_S = 1.0  # how long a refused run waits for a fresh holder to write its pid into the file
+
+
+class OutputLock:
+    """An exclusive lock on one output (a file, or a run directory) held through `lock_path`
+    (default `<target>.lock`); taken when constructed, dropped by `release()` or at the end of `with`.
+
+    An flock rather than a pid file: the kernel drops it when the holder exits however it exits,
+    kill -9 included, so a lock left by a dead run is simply taken over. The file holds the holder's
+    {"pid", "host", "since"} so a refused run can name it. flock conflicts between any two opens of
+    the file, so two writers in one process exclude each other too, and on NFS it is a lock across
+    hosts. Release deletes the file while still holding it; an acquirer that opened the deleted file
+    sees that the path no longer names it and opens the new one.
+    """
+
+    def __init__(self, target: str | os.PathLike, lock_path: str | os.PathLike | None = None):
+        self.target = os.fspath(target)
+        self.lock_path = os.fspath(lock_path) if lock_path is not None else f"{self.target}.lock"
+        self._fd = -1
+        # flock excludes a second open in this process too, except on NFS, where it becomes a POSIX
+        # lock (per process): so look at this process's own locks first.
+        if any(lock.held and os.path.realpath(lock.lock_path) == os.path.realpath(self.lock_path)
+               for lock in list(_HELD)):
+            raise OutputLockedError(self._busy_message(_read_holder_file(self.lock_path)))
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise OutputLockedError(self._busy_message(holder)) from None
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in _NO_LOCKS:
+                    raise
+                warnings.warn(f"{self.lock_path}: this filesystem has no file locks ({e.strerror}); nothing stops "
+                              f"a second run on {self.target} from duplicating its records", stacklevel=2)
+                return
+            if _names(self.lock_path, fd):
+                break
+            os.close(fd)  # the previous holder deleted the file we opened: lock the current one
+        me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                         "since": time.strftime("%Y-%m-%d %H:%M:%S %z")})
+        os.ftruncate(fd, 0)
+        os.write(fd, (me + "\n").encode("utf-8"))
+        self._fd = fd
+        _HELD.add(self)
+
+    @property
+    def held(self) -> bool:
+        return self._fd >= 0
+
+    def _busy_message(self, holder: dict[str, Any] | None) -> str:
+        if holder is None:
+            who = f"another process (it has not written itself into {self.lock_path} yet)"
+        else:
+            pid, host = holder["pid"], holder["host"]
+            who = f"pid {pid} on host {host} since {holder.get('since', '?')}"
+            if host == socket.gethostname() and pid == os.getpid():
+                who += " (this process: an earlier writer on it is still open)"
+            elif host == socket.gethostname() and not _alive(pid):
+                who += " (that process has exited; a process it started still holds the lock)"
+        return f"{self.target} is being written by {who}; wait for it or stop it (lock file {self.lock_path})"
+
+    def release(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            if _names(self.lock_path, self._fd):
+                os.unlink(self.lock_path)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+            _HELD.discard(self)
+
+    def _forget(self) -> None:
+        """In a forked child: close our copy of the descriptor (the parent keeps its lock)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        _HELD.discard(self)
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            self.release()
+
+
+# Locks held by this process. A forked child inherits each lock's open file description, and a
+# child that outlived a killed parent would keep the output blocked: children close their copies.
+_HELD: "weakref.WeakSet[OutputLock]" = weakref.WeakSet()
+os.register_at_fork(after_in_child=lambda: [lock._forget() for lock in list(_HELD)])
+
+
+def _names(path: str, fd: int) -> bool:
+    """Whether `path` still names the file open on `fd`."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    fst = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _read_holder_file(path: str) -> dict[str, Any] | None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        return _read_holder(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> dict[str, Any] | None:
+    """The holder named in a lock file, waiting briefly while it is empty or names a dead process
+    of this host: a new holder may have taken the lock and not yet written itself in."""
+    deadline = time.monotonic() + _HOLDER_WAIT_S
+    holder = None
+    while True:
+        try:
+            info = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+            if isinstance(info, dict) and isinstance(info.get("pid"), int) and isinstance(info.get("host"), str):
+                holder = info
+                if info["host"] != socket.gethostname() or _alive(info["pid"]):
+                    return holder
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            pass
+        if time.monotonic() >= deadline:
+            return holder
+        time.sleep(0.02)
+
+
 class ResumableWriter:
     """Append records to a JSONL file, one complete line per write, skipping keys already there.
+    Holds `OutputLock` on `<path>.lock` from construction to `close()`; a second writer on the same
+    path raises OutputLockedError before it reads or repairs anything.
 
     >>> with ResumableWriter("out.jsonl") as out:
     ...     todo = [r for r in records if r["id"] not in out.done]
@@ -124,16 +293,23 @@ class ResumableWriter:
         self.path = os.fspath(path)
         self.key = key
         self.fsync_every = fsync_every
+        self._fd = -1
         parent = os.path.dirname(self.path)
         if parent:
             os.makedirs(parent, exist_ok=True)
-        self.repaired_bytes = repair_tail(self.path)
-        self.done: set[Any] = set()
-        if os.path.exists(self.path):
-            for line in iter_lines(self.path):
-                self.done.add(line.get(key))
-        self.resumed = len(self.done)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # Locked before the tail repair: the torn "last line" of a live writer is a line in progress.
+        self._lock = OutputLock(self.path)
+        try:
+            self.repaired_bytes = repair_tail(self.path)
+            self.done: set[Any] = set()
+            if os.path.exists(self.path):
+                for line in iter_lines(self.path):
+                    self.done.add(line.get(key))
+            self.resumed = len(self.done)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except BaseException:
+            self._lock.release()
+            raise
         self._pending = 0
 
     def write(self, record: dict[str, Any]) -> bool:
@@ -155,10 +331,17 @@ class ResumableWriter:
 
     def close(self) -> None:
         if self._fd >= 0:
-            if self._pending:
-                os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+            try:
+                if self._pending:
+                    os.fsync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = -1
+        if hasattr(self, "_lock"):
+            self._lock.release()
+
+    def __del__(self) -> None:  # a writer dropped unclosed (an exception between open and with) frees its lock
+        self.close()
 
     def __enter__(self) -> "ResumableWriter":
         return self

@@ -26,6 +26,7 @@ import re
 from collections.abc import Sequence
 
 from prm_jax.evaluation import metrics
+from prm_jax.evaluation.scoring import holding_out_dir
 from prm_jax.records import RecordError, iter_lines, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ def bon_curve(groups: Sequence[dict], ns: Sequence[int]) -> list[dict]:
     return curve
 
 
+@holding_out_dir
 def run_bon(scorer, responses_path: str, out_dir: str, agg: str = "product", plots: bool = True,
             show_progress: bool = True) -> dict:
     """Score every response (OUT/scores.jsonl, resumable), grade, and write OUT/bon_summary.json

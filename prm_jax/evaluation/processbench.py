@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 
 from prm_jax.evaluation import metrics
-from prm_jax.evaluation.scoring import open_resumable_scores, score_into
+from prm_jax.evaluation.scoring import holding_out_dir, open_resumable_scores, score_into
 from prm_jax.records import read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,7 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+@holding_out_dir
 def run_processbench(scorer, data_dir: str, out_dir: str, subsets: Sequence[str] = SUBSETS,
                      threshold: float | str = 0.5, limit: int | None = None, plots: bool = True,
                      show_progress: bool = True, tune_subset: str = TUNE_SUBSET) -> dict:

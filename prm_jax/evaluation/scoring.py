@@ -14,8 +14,10 @@ never reaches the model.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import inspect
 import json
 import logging
 import os
@@ -30,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT, encode_prm, resolve_step_token
 from prm_jax.models.prm import step_probs
 from prm_jax.parallel.mesh import shard_batch, state_shardings
-from prm_jax.records import ResumableWriter
+from prm_jax.records import OutputLock, ResumableWriter
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +221,26 @@ def score_steps(prm: nnx.Module, tokenizer, items: Sequence[Item], batch_size: i
                        buckets=buckets, mesh=mesh, system_prompt=system_prompt,
                        tokens_per_batch=tokens_per_batch)
     return scorer.score(items)
+
+
+def holding_out_dir(run: Callable) -> Callable:
+    """Decorate an evaluation `run(..., out_dir, ...)` so that host 0 holds OUT/eval.lock through all
+    of it: besides the resumable rows (locked by their writer), a run writes OUT/scoring.json before
+    them and rewrites rows and summaries after, and a second run on OUT must not interleave with those."""
+    signature = inspect.signature(run)
+
+    @functools.wraps(run)
+    def locked(*args, **kwargs):
+        out_dir = signature.bind(*args, **kwargs).arguments["out_dir"]
+        if jax.process_index() != 0:
+            lock = contextlib.nullcontext()
+        else:
+            os.makedirs(out_dir, exist_ok=True)
+            lock = OutputLock(out_dir, os.path.join(out_dir, "eval.lock"))
+        with lock:
+            return run(*args, **kwargs)
+
+    return locked
 
 
 def check_resume(scorer: PRMScorer, out_dir: str, name: str = "scoring.json") -> None:
