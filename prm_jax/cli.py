@@ -7,6 +7,9 @@ import importlib
 import os
 import platform
 import sys
+import traceback
+
+from prm_jax.errors import InputError, RunError
 
 # Modules that define subcommands, in pipeline order.
 COMMAND_MODULES = (
@@ -16,20 +19,48 @@ COMMAND_MODULES = (
     "prm_jax.labeling.commands",
     "prm_jax.training.commands",
     "prm_jax.evaluation.commands",
+    "prm_jax.search.commands",
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prm-jax", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error (also: PRM_JAX_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
+    for name in modules:
         importlib.import_module(name).register(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:
+    """Run one subcommand and let its errors propagate (for tests and for embedding)."""
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
+
+
+def main(argv: list[str] | None = None, modules: tuple[str, ...] = COMMAND_MODULES) -> int:
+    """Run one subcommand. The project's errors, and OS errors on a named file, print as one line
+    `prm-jax <command>: error: <message>` and exit 2 (bad input) or 1 (the run failed)."""
+    args = build_parser(modules).parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (InputError, RunError, OSError) as e:
+        if args.debug or os.environ.get("PRM_JAX_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"prm-jax {args.command}: error: {error_message(e)}", file=sys.stderr)
+        return 2 if isinstance(e, BAD_INPUT) else 1
+
+
+# Exit status 2: the input was wrong (a missing or unreadable named path included); 1: the run failed.
+BAD_INPUT = (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def error_message(e: BaseException) -> str:
+    """One line: an OS error as `FILE: reason`, any other error's message with newlines folded."""
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror or type(e).__name__}"
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"

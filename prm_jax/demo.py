@@ -26,12 +26,13 @@ import dataclasses
 import json
 import os
 import random
-import sys
 import time
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from prm_jax.errors import InputError, RunError
+from prm_jax.flags import unit_interval
 from prm_jax.records import OutputLock, read_jsonl, write_jsonl
 
 STAGES = ("world", "policy", "sample", "rollout", "critic", "judge", "filter", "prm-consensus", "prm-mc",
@@ -111,7 +112,7 @@ def resize(size: DemoSize, assignments: Sequence[str]) -> DemoSize:
     for a in assignments:
         key, sep, text = (part.strip() for part in a.partition("="))
         if not sep:
-            raise ValueError(f"--set {a!r}: expected key=value")
+            raise InputError(f"--set {a!r}: expected key=value")
         value = yaml.safe_load(text)
         section, _, name = key.rpartition(".")
         if section == "world" and name in world_hints:
@@ -121,16 +122,16 @@ def resize(size: DemoSize, assignments: Sequence[str]) -> DemoSize:
         elif not section and name in plain:
             changes[name] = coerce(value, plain[name], f"--set {key}")
         else:
-            raise ValueError(f"--set {key}: unknown key; expected one of {', '.join(plain)}, world.<WorldConfig "
+            raise InputError(f"--set {key}: unknown key; expected one of {', '.join(plain)}, world.<WorldConfig "
                              f"field> or model.<Qwen2Config field but {' and '.join(DEMO_SETS_MODEL)}>")
     resized = dataclasses.replace(size, world_overrides=world, model=model, **changes)
     unknown = [k for k in resized.policy_error_kinds if k not in ERROR_KINDS]
     if unknown:
-        raise ValueError(f"--set policy_error_kinds: unknown error kind(s) {unknown}; expected some of {ERROR_KINDS}")
+        raise InputError(f"--set policy_error_kinds: unknown error kind(s) {unknown}; expected some of {ERROR_KINDS}")
     try:  # a bad world fails here, not stages later
         WorldConfig.for_size(resized.world, **world)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"--set world.*: {e}") from None
+        raise InputError(f"--set world.*: {e}") from None
     return resized
 
 
@@ -166,7 +167,7 @@ class Demo:
         print(f"\n$ prm-jax {' '.join(argv)}", flush=True)
         rc = main(argv)
         if rc:
-            raise RuntimeError(f"prm-jax {argv[0]} exited with {rc}")
+            raise RunError(f"prm-jax {argv[0]} exited with {rc}")
 
     def train(self, objective: str, train_file: str, out: str, steps: int, lr: float, *, init: str | None = None,
               system_prompt: str | None = "default", batch: int = 16, buckets: tuple[int, ...] | None = None,
@@ -299,7 +300,7 @@ class Demo:
         s = self.size
         train_file = self.path(f"train_{label_set}.jsonl")
         if not read_jsonl(train_file):
-            raise RuntimeError(f"{train_file} is empty: no solution survived labelling with {label_set!r}")
+            raise RunError(f"{train_file} is empty: no solution survived labelling with {label_set!r}")
         self.train("prm", train_file, self.path(f"prm_{label_set}"), s.prm_steps, s.prm_lr,
                    init=self.path("policy", "hf"), batch=s.prm_batch,
                    overrides=("class_balance=true",) if s.prm_class_balance else ())
@@ -571,13 +572,13 @@ def run_demo(out: str, *args, **kwargs) -> dict[str, Any]:
 
 
 def _run_demo(out: str, size: str = "tiny", judge: Judge = Judge(), seed: int = 0, resume: bool = False,
-                        quiet: bool = False, assignments: Sequence[str] = ()) -> dict[str, Any]:
+              quiet: bool = False, assignments: Sequence[str] = ()) -> dict[str, Any]:
     """Run (or with `resume`, continue) the demo, its size changed by `assignments` (see `resize`);
     returns the report."""
     demo = Demo(out, resize(SIZES[size], assignments), judge, seed, quiet)
     done_dir = os.path.join(out, "stages")
     if os.path.isdir(done_dir) and os.listdir(done_dir) and not resume:
-        raise SystemExit(f"{out} already holds a demo run; pass --resume to continue it or choose a new --out")
+        raise InputError(f"{out} already holds a demo run; pass --resume to continue it or choose a new --out")
     os.makedirs(done_dir, exist_ok=True)
     _compilation_cache(os.path.join(out, ".jax_cache"))
     settings = {"size": size, "judge": dataclasses.asdict(judge), "seed": seed}
@@ -585,7 +586,7 @@ def _run_demo(out: str, size: str = "tiny", judge: Judge = Judge(), seed: int = 
         settings["set"] = list(assignments)
     settings_path = os.path.join(out, SETTINGS_FILE)
     if os.path.exists(settings_path) and _load_json(settings_path) != settings:
-        raise SystemExit(f"{settings_path}: this run used {_load_json(settings_path)}; resume it with the same "
+        raise InputError(f"{settings_path}: this run used {_load_json(settings_path)}; resume it with the same "
                          "options or choose a new --out")
     with open(settings_path, "w", encoding="utf-8") as f:
         json.dump(settings, f)
@@ -618,7 +619,7 @@ def register(sub) -> None:
     p.add_argument("--judge", choices=("critic", "simulated"), default="critic",
                    help="critic: a small model trained here, run through the in-process judge backend; "
                         "simulated: the truth with injected errors")
-    p.add_argument("--judge-error-rate", type=float, default=0.2, help="with --judge simulated")
+    p.add_argument("--judge-error-rate", type=unit_interval, default=0.2, help="with --judge simulated")
     p.add_argument("--judge-endpoint", help="a real judge server instead (SGLang or OpenAI-compatible)")
     p.add_argument("--judge-api", choices=("sglang", "openai"), default="sglang")
     p.add_argument("--judge-model", help="model name for --judge-endpoint")
@@ -636,10 +637,6 @@ def _run(args) -> int:
                       tokenizer=args.judge_tokenizer)
     else:
         judge = Judge(args.judge, error_rate=args.judge_error_rate)
-    try:
-        resize(SIZES[args.size], args.set)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    resize(SIZES[args.size], args.set)  # a bad --set fails here, before the run directory is made
     run_demo(args.out, args.size, judge, args.seed, args.resume, args.quiet, args.set)
     return 0

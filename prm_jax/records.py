@@ -24,8 +24,10 @@ import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from prm_jax.errors import InputError, RunError
 
-class RecordError(ValueError):
+
+class RecordError(InputError):
     """A bad input record; the message names the file, the line and what was expected."""
 
 
@@ -53,8 +55,13 @@ def iter_items(path: str | os.PathLike) -> Iterator["Line | RecordError"]:
     """Every non-blank line of a JSONL file as a `Line`, or a RecordError (returned, not raised) for
     a line that is not a JSON object, so callers can choose to skip and count bad lines."""
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield RecordError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})")
+                continue
             if not text.strip():
                 continue
             try:
@@ -66,6 +73,19 @@ def iter_items(path: str | os.PathLike) -> Iterator["Line | RecordError"]:
                 yield RecordError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
                 continue
             yield Line(path, lineno, record)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A whole UTF-8 file; bytes that are not UTF-8 raise a RecordError naming the line."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno, line_start = data.count(b"\n", 0, e.start) + 1, data.rfind(b"\n", 0, e.start) + 1
+        raise RecordError(f"{path}:{lineno}: not UTF-8 text (byte {data[e.start]:#04x} "
+                          f"at column {e.start - line_start + 1})") from None
 
 
 def iter_lines(path: str | os.PathLike) -> Iterator[Line]:
@@ -123,7 +143,7 @@ def repair_tail(path: str) -> int:
         return size - keep
 
 
-class OutputLockedError(RuntimeError):
+class OutputLockedError(RunError):
     """Another live run is writing this output; the one-line message names the output and the holder."""
 
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from prm_jax.cli import main
+from prm_jax.cli import main, run
 from prm_jax.records import RecordError
 from prm_jax.sampling.commands import read_problems
 
@@ -99,17 +99,17 @@ def test_bad_input_names_file_and_line(policy_dir, tmp_path):
     probs = tmp_path / "problems.jsonl"
     probs.write_text(json.dumps(problems(1)[0]) + "\n" + json.dumps({"id": "q", "answer": "1"}) + "\n")
     with pytest.raises(RecordError, match=r"problems.jsonl:2: missing key 'problem'"):
-        main(sample_args(policy_dir, probs, tmp_path / "o.jsonl"))
+        run(sample_args(policy_dir, probs, tmp_path / "o.jsonl"))
     probs.write_text(json.dumps(problems(1)[0]) + "\n\n" + json.dumps(problems(1)[0]) + "\n")
     with pytest.raises(RecordError, match=r"problems.jsonl:3: duplicate id 'p0'"):
-        main(sample_args(policy_dir, probs, tmp_path / "o.jsonl"))
+        run(sample_args(policy_dir, probs, tmp_path / "o.jsonl"))
     probs.write_text("{not json\n")
     with pytest.raises(RecordError, match=r"problems.jsonl:1: not valid JSON"):
-        main(sample_args(policy_dir, probs, tmp_path / "o.jsonl"))
+        run(sample_args(policy_dir, probs, tmp_path / "o.jsonl"))
     sols = tmp_path / "sols.jsonl"
     sols.write_text(json.dumps({"id": "s", "problem": "p", "answer": "1", "steps": ["a", 3]}) + "\n")
     with pytest.raises(RecordError, match=r"sols.jsonl:1: key 'steps' should be a list of strings"):
-        main(["rollout", "--policy", policy_dir, "--solutions", str(sols), "--out", str(tmp_path / "r.jsonl")])
+        run(["rollout", "--policy", policy_dir, "--solutions", str(sols), "--out", str(tmp_path / "r.jsonl")])
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "r.jsonl").exists()
 
 

@@ -211,15 +211,16 @@ def test_demo_resume_needs_the_same_set(tmp_path):
     import dataclasses
 
     from prm_jax.demo import Demo, Judge, run_demo
+    from prm_jax.errors import InputError
 
     out = str(tmp_path / "run")
     os.makedirs(os.path.join(out, "stages"))
     settings = {"size": "tiny", "judge": dataclasses.asdict(Judge()), "seed": 0, "set": ["policy_steps=7"]}
     with open(os.path.join(out, "demo_settings.json"), "w") as f:
         json.dump(settings, f)
-    with pytest.raises(SystemExit, match="same options"):
+    with pytest.raises(InputError, match="same options"):
         run_demo(out, "tiny", resume=True, assignments=["policy_steps=8"])
-    with pytest.raises(SystemExit, match="same options"):
+    with pytest.raises(InputError, match="same options"):
         run_demo(out, "tiny", resume=True)
     assert Demo.load(out).size.policy_steps == 7
 

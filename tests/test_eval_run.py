@@ -167,12 +167,12 @@ def test_processbench_cli_end_to_end(shared_data, prm_dir, torch_scores, tmp_pat
     ref3 = _official_f1(rows2, summary3["threshold"])
     assert summary3["subsets"]["gsm8k"]["f1"] == pytest.approx(ref3["gsm8k"][2])
     with pytest.raises(ValueError, match="picks the threshold on dev; add it to --subsets"):
-        cli.main(argv + ["--threshold", "tune", "--tune-on", "dev"])
+        cli.run(argv + ["--threshold", "tune", "--tune-on", "dev"])
 
     # resuming into this OUT with other settings would mix scores: refused
     changed = [a if a != str(MAX_LEN) else "200" for a in argv]
     with pytest.raises(ValueError, match=r"scoring.json: .* different PRM or settings \(differs in: max_length\)"):
-        cli.main(changed)
+        cli.run(changed)
 
     # the paper's diagnostic, recomputed
     flawed = [r for r in rows2 if r["final_answer_correct"] and r["label"] >= 0]

@@ -155,8 +155,8 @@ def test_processbench_bad_element_names_its_line(tmp_path):
 def test_cli_convert_skip_bad(tmp_path, capsys):
     p = tmp_path / "in.jsonl"
     p.write_text('{"question": "q", "answer": "s\\n#### 4"}\n{"question": "q2"}\n')
-    with pytest.raises(RecordError, match=r"in\.jsonl:2: missing key 'answer'"):
-        commands.main(["convert", "--from", "gsm8k", "--to", "records", str(p), str(tmp_path / "o.jsonl")])
+    assert commands.main(["convert", "--from", "gsm8k", "--to", "records", str(p), str(tmp_path / "o.jsonl")]) == 2
+    assert capsys.readouterr().err == f"prm-jax convert: error: {p}:2: missing key 'answer'\n"
     assert commands.main(["convert", "--from", "gsm8k", "--to", "records", "--skip-bad", str(p),
                           str(tmp_path / "o.jsonl")]) == 0
     out = capsys.readouterr()
@@ -164,3 +164,32 @@ def test_cli_convert_skip_bad(tmp_path, capsys):
     assert raw_lines(tmp_path / "o.jsonl") == [{"id": "gsm8k-0", "problem": "q", "answer": "4", "solution": "s"}]
     with pytest.raises(ValueError, match="problem format"):
         F.convert("trl", "gsm8k", p, tmp_path / "x")
+
+
+def test_math_shepherd_to_trl_and_back_keeps_task_and_unknown_keys(shared_data, tmp_path):
+    src = shared_data / "math_shepherd" / "sample_openr_math-shepherd.jsonl"
+    raw = raw_lines(src)
+    F.convert("math-shepherd", "trl", src, tmp_path / "t.jsonl")
+    rows = raw_lines(tmp_path / "t.jsonl")
+    assert [r["task"] for r in rows] == [r["task"] for r in raw]  # TRL's table carries the column
+    res = F.convert("trl", "math-shepherd", tmp_path / "t.jsonl", tmp_path / "s.jsonl")
+    assert res.dropped == {"id": len(raw)}  # Math-Shepherd has no id field, and says so
+    assert raw_lines(tmp_path / "s.jsonl") == raw
+    # a key no reader knows rides along into open formats and is reported where a schema has no field
+    (tmp_path / "x.jsonl").write_text(json.dumps({**raw[0], "source": "openr"}) + "\n")
+    F.convert("math-shepherd", "records", tmp_path / "x.jsonl", tmp_path / "r.jsonl")
+    assert raw_lines(tmp_path / "r.jsonl")[0]["source"] == "openr"
+    res = F.convert("records", "processbench", tmp_path / "r.jsonl", tmp_path / "pb.json")
+    assert res.dropped == {"task": 1, "source": 1}
+
+
+def test_cli_convert_names_dropped_keys_and_the_input_line_of_an_unwritable_record(tmp_path, capsys):
+    recs = tmp_path / "r.jsonl"
+    recs.write_text(json.dumps({"id": "a", "problem": "p", "answer": "1", "steps": ["s"], "labels": [1], "k": 0})
+                    + "\n" + json.dumps({"id": "b", "problem": "q", "steps": ["s"], "labels": [0]}) + "\n")
+    assert commands.main(["convert", "--from", "records", "--to", "gsm8k", str(recs), str(tmp_path / "g")]) == 2
+    assert f"{recs}:2: record 'b': missing key 'answer'" in capsys.readouterr().err
+    assert commands.main(["convert", "--from", "records", "--to", "processbench", str(recs),
+                          str(tmp_path / "pb.json")]) == 0
+    assert "dropped keys the processbench format has no field for: answer (1 records), k (1 records)" \
+        in capsys.readouterr().err

@@ -297,7 +297,7 @@ def test_critic_reply_parses_to_the_truth(template_name):
 
 
 def test_cli_problems_solutions_truth(tmp_path):
-    from prm_jax.cli import main
+    from prm_jax.cli import main, run
     from prm_jax.records import RecordError, read_jsonl
 
     p, s, t = (str(tmp_path / f) for f in ("p.jsonl", "s.jsonl", "t.jsonl"))
@@ -320,4 +320,4 @@ def test_cli_problems_solutions_truth(tmp_path):
                                                                    for x in sentences]
     (tmp_path / "bad.jsonl").write_text('{"id": 1, "problem": "x", "answer": "1"}\n')
     with pytest.raises(RecordError, match=r"bad.jsonl:1: .*toy world"):
-        main(["toy", "solutions", "--problems", str(tmp_path / "bad.jsonl"), "--out", s])
+        run(["toy", "solutions", "--problems", str(tmp_path / "bad.jsonl"), "--out", s])

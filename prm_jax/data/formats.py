@@ -22,6 +22,11 @@ taken (good); where neither exists the first completion rated -1 ends the soluti
 
 A bad record raises RecordError naming file:line and what was expected; with `skip_bad=True` it
 is skipped and its message kept in `ReadResult.skipped` (never dropped silently).
+
+Nothing is lost silently either way: a reader keeps every top-level key it does not map as a key of
+the record; a writer to an open format (records, trl: a datasets table takes any column) carries
+every key it does not map, and a writer to a fixed published schema (the others) drops them and
+`convert` reports which (`ConvertResult.dropped`).
 """
 from __future__ import annotations
 
@@ -32,7 +37,9 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prm_jax.records import Line, RecordError, iter_items
+from prm_jax.errors import InputError
+from prm_jax.flags import require_records
+from prm_jax.records import Line, RecordError, iter_items, read_text
 
 FORMATS = ("records", "processbench", "prm800k", "math-shepherd", "trl", "gsm8k", "math")
 LABELLED = ("records", "processbench", "prm800k", "math-shepherd", "trl")
@@ -44,20 +51,21 @@ SHEPHERD_TAG = "ки"
 class ReadResult:
     records: list[dict[str, Any]]
     skipped: list[str]  # one "file:line: why" per skipped record
+    where: list[str] = dataclasses.field(default_factory=list)  # "file:line" of each record
 
 
 @dataclasses.dataclass(frozen=True)
 class ConvertResult:
     written: int
     skipped: list[str]
+    dropped: dict[str, int] = dataclasses.field(default_factory=dict)  # key -> records that lost it
 
 
 # --------------------------------------------------------------------------- raw items
 
 def _json_array_items(path: str) -> Iterator[Line | RecordError]:
     """Elements of a top-level JSON array, each with the line it starts on."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path)
     dec = json.JSONDecoder()
     ws = re.compile(r"\s*")
     pos = ws.match(text, 0).end()
@@ -257,6 +265,13 @@ def _from_math(line: Line) -> dict[str, Any]:
     return rec
 
 
+# The top-level keys each reader maps into our record; every other key is kept as it is.
+_READ_KEYS = {
+    "records": (), "processbench": (), "prm800k": ("question", "label"),
+    "math-shepherd": ("input", "label", "task"), "trl": ("id", "prompt", "completions", "labels"),
+    "gsm8k": ("id", "question", "answer"), "math": ("problem", "solution", "answer", "subject", "level", "unique_id"),
+}
+
 _READERS: dict[str, tuple[Callable[[str], Iterator[Line | RecordError]], Callable[[Line], dict]]] = {
     "records": (iter_items, _from_records),
     "processbench": (_json_array_items, _from_processbench),
@@ -271,19 +286,23 @@ _READERS: dict[str, tuple[Callable[[str], Iterator[Line | RecordError]], Callabl
 def read(fmt: str, path: str | os.PathLike, skip_bad: bool = False) -> ReadResult:
     """All records of a file in format `fmt`, as our records."""
     if fmt not in _READERS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+        raise InputError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     items, convert_one = _READERS[fmt]
-    out, skipped = [], []
+    result = ReadResult([], [])
     for item in items(os.fspath(path)):
         try:
             if isinstance(item, RecordError):
                 raise item
-            out.append(convert_one(item))
+            rec = convert_one(item)
         except RecordError as e:
             if not skip_bad:
                 raise
-            skipped.append(str(e))
-    return ReadResult(out, skipped)
+            result.skipped.append(str(e))
+            continue
+        extra = {k: v for k, v in item.record.items() if k not in _READ_KEYS[fmt] and k not in rec}
+        result.records.append({**rec, **extra})
+        result.where.append(item.where())
+    return result
 
 
 # --------------------------------------------------------------------------- writers (record -> dict)
@@ -291,7 +310,7 @@ def read(fmt: str, path: str | os.PathLike, skip_bad: bool = False) -> ReadResul
 def _need(rec: dict[str, Any], *keys: str) -> None:
     for k in keys:
         if k not in rec:
-            raise RecordError(f"record {rec.get('id', '?')!r}: missing key {k!r}, needed by this output format")
+            raise RecordError(f"record {rec.get('id', '?')!r}: missing key {k!r}, needed by the output format")
 
 
 def step_labels(rec: dict[str, Any]) -> tuple[list[str], list]:
@@ -322,14 +341,17 @@ def _to_processbench(rec):
             "final_answer_correct": rec.get("final_answer_correct"), "label": label}
 
 
+_PRM800K_META = {"labeler": None, "timestamp": None, "generation": None, "is_quality_control_question": False,
+                 "is_initial_screening_question": False}
+
+
 def _to_prm800k(rec):
     _need(rec, "problem")
     steps, labels = step_labels(rec)
     out_steps = [{"completions": [{"text": s, "rating": 1 if _hard(v) else -1, "flagged": False}],
                   "human_completion": None, "chosen_completion": 0} for s, v in zip(steps, labels)]
     finish = rec.get("finish_reason") or ("solution" if all(map(_hard, labels)) else "found_error")
-    return {"labeler": None, "timestamp": None, "generation": None, "is_quality_control_question": False,
-            "is_initial_screening_question": False,
+    return {**{k: rec.get(k, v) for k, v in _PRM800K_META.items()},
             "question": {"problem": rec["problem"], "ground_truth_answer": rec.get("answer")},
             "label": {"steps": out_steps, "total_time": None, "finish_reason": finish}}
 
@@ -364,6 +386,25 @@ def _to_math(rec):
     return out
 
 
+# The record keys each writer maps into its format. Open formats carry every other key as it is;
+# fixed schemas (the rest) drop them, and `convert` says which.
+_WRITE_KEYS = {
+    "records": None, "trl": ("id", "problem", "steps", "labels", "label"),
+    "processbench": ("id", "generator", "problem", "steps", "final_answer_correct", "label", "labels"),
+    "prm800k": ("problem", "answer", "steps", "labels", "label", "finish_reason", *_PRM800K_META),
+    "math-shepherd": ("problem", "steps", "labels", "label", "task"),
+    "gsm8k": ("problem", "answer", "solution"),
+    "math": ("problem", "solution", "answer", "subject", "level", "unique_id"),
+}
+OPEN_FORMATS = ("records", "trl")
+
+
+def unmapped_keys(fmt: str, rec: dict[str, Any]) -> list[str]:
+    """The keys of `rec` that the writer of `fmt` does not map into its own fields."""
+    used = _WRITE_KEYS[fmt]
+    return [] if used is None else [k for k in rec if k not in used]
+
+
 _WRITERS: dict[str, Callable[[dict], dict]] = {
     "records": lambda r: r,
     "processbench": _to_processbench,
@@ -375,14 +416,29 @@ _WRITERS: dict[str, Callable[[dict], dict]] = {
 }
 
 
-def write(fmt: str, path: str | os.PathLike, records: list[dict[str, Any]]) -> int:
-    """Write records in format `fmt` atomically (temp file + rename); returns the count.
+def _row(fmt: str, rec: dict[str, Any]) -> dict[str, Any]:
+    row = _WRITERS[fmt](rec)
+    if fmt in OPEN_FORMATS:
+        row.update({k: rec[k] for k in unmapped_keys(fmt, rec) if k not in row})
+    return row
+
+
+def write(fmt: str, path: str | os.PathLike, records: list[dict[str, Any]], where: list[str] | None = None) -> int:
+    """Write records in format `fmt` atomically (temp file + rename); returns the count. `where`
+    ("file:line" per record, from `read`) makes a record that cannot be written name its source line.
 
     External formats are written the way their releases are (ASCII-escaped JSONL; ProcessBench
     as an indented JSON array) so a read + write of an original file gives it back."""
     if fmt not in _WRITERS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    rows = [_WRITERS[fmt](r) for r in records]
+        raise InputError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    rows = []
+    for i, rec in enumerate(records):
+        try:
+            rows.append(_row(fmt, rec))
+        except RecordError as e:
+            if not where:
+                raise
+            raise RecordError(f"{where[i]}: {e} (writing {fmt})") from None
     path = os.fspath(path)
     parent = os.path.dirname(path)
     if parent:
@@ -398,12 +454,20 @@ def write(fmt: str, path: str | os.PathLike, records: list[dict[str, Any]]) -> i
     return len(rows)
 
 
-def convert(src: str, dst: str, in_path: str, out_path: str, skip_bad: bool = False) -> ConvertResult:
-    """Read `in_path` as `src`, write `out_path` as `dst`."""
+def convert(src: str, dst: str, in_path: str, out_path: str, skip_bad: bool = False,
+            allow_empty: bool = False) -> ConvertResult:
+    """Read `in_path` as `src`, write `out_path` as `dst` (an input with no records at all is an
+    error unless `allow_empty`)."""
     if src in PROBLEMS and dst in LABELLED and src != "records" and dst != "records":
-        raise ValueError(f"{src} holds problems without step labels; it converts to records, gsm8k or math")
+        raise InputError(f"{src} holds problems without step labels; it converts to records, gsm8k or math")
     if src in LABELLED and dst in ("gsm8k", "math") and src != "records":
-        raise ValueError(f"{src} holds labelled solutions; {dst} is a problem format")
+        raise InputError(f"{src} holds labelled solutions; {dst} is a problem format")
     result = read(src, in_path, skip_bad=skip_bad)
-    n = write(dst, out_path, result.records)
-    return ConvertResult(n, result.skipped)
+    require_records(result.records + result.skipped, in_path, allow_empty)
+    n = write(dst, out_path, result.records, result.where)
+    dropped: dict[str, int] = {}
+    if dst not in OPEN_FORMATS:
+        for rec in result.records:
+            for k in unmapped_keys(dst, rec):
+                dropped[k] = dropped.get(k, 0) + 1
+    return ConvertResult(n, result.skipped, dropped)

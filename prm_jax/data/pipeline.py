@@ -32,6 +32,7 @@ import grain
 import numpy as np
 
 from prm_jax.data.prm_format import DEFAULT_SYSTEM_PROMPT
+from prm_jax.errors import InputError
 from prm_jax.records import Line, RecordError, iter_lines
 
 log = logging.getLogger(__name__)
@@ -184,11 +185,11 @@ def encode_records(tokenizer, path: str | os.PathLike, opts: EncodeOptions, chun
     Texts are tokenised in batches (one tokenizer call per chunk of records); the ids equal
     `encode_prm` / `prompt_ids` applied record by record."""
     if opts.objective not in OBJECTIVES:
-        raise ValueError(f"objective {opts.objective!r}: expected one of {', '.join(OBJECTIVES)}")
+        raise InputError(f"objective {opts.objective!r}: expected one of {', '.join(OBJECTIVES)}")
     if opts.objective != "lm" and opts.step_token_id is None:
-        raise ValueError("a PRM objective needs step_token_id")
+        raise InputError("a PRM objective needs step_token_id")
     if opts.objective == "lm" and opts.eos_token_id is None:
-        raise ValueError("objective 'lm' needs eos_token_id")
+        raise InputError("objective 'lm' needs eos_token_id")
     path = os.fspath(path)
     stats = EncodeStats()
     examples: list[dict[str, np.ndarray]] = []
@@ -330,7 +331,7 @@ def train_dataset(examples: list[dict[str, np.ndarray]], *, batch_rows: int, see
     packed into rows of exactly max_length. `iter(ds)` gives a DatasetIterator whose
     get_state/set_state checkpoint the position."""
     if group_by_length and pack:
-        raise ValueError("data.group_by_length applies to padded batches; packed rows are full already "
+        raise InputError("data.group_by_length applies to padded batches; packed rows are full already "
                          "(set data.pack=false or data.group_by_length=0)")
     if group_by_length:
         ds = _length_grouped(examples, seed, batch_rows, group_by_length)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from prm_jax.errors import InputError
 from prm_jax.models.qwen_vocab import adopt_official_step_token
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def resolve_step_token(tokenizer, step_token: str | int = DEFAULT_STEP_TOKEN) ->
     if isinstance(step_token, int) or (isinstance(step_token, str) and step_token.isdigit()):
         token_id = int(step_token)
         if not 0 <= token_id < len(tokenizer):
-            raise ValueError(f"step token id {token_id} is outside the tokenizer's vocabulary of {len(tokenizer)}")
+            raise InputError(f"step token id {token_id} is outside the tokenizer's vocabulary of {len(tokenizer)}")
         return token_id
     vocab = tokenizer.get_vocab()
     if step_token in vocab:

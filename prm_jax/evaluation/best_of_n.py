@@ -25,6 +25,7 @@ import os
 import re
 from collections.abc import Sequence
 
+from prm_jax.errors import InputError
 from prm_jax.evaluation import metrics
 from prm_jax.evaluation.scoring import holding_out_dir
 from prm_jax.records import RecordError, iter_lines, read_jsonl
@@ -87,7 +88,7 @@ def group_responses(responses: Sequence[Response]) -> dict[str, list[int]]:
     for key, idx in groups.items():
         golds = {responses[i].answer for i in idx}
         if len(golds) > 1:
-            raise ValueError(f"problem {key!r}: its responses disagree on the gold answer ({sorted(golds)[:3]})")
+            raise InputError(f"problem {key!r}: its responses disagree on the gold answer ({sorted(golds)[:3]})")
         idx.sort(key=lambda i: (responses[i].k is None, responses[i].k or 0))
     return groups
 
@@ -145,10 +146,10 @@ def run_bon(scorer, responses_path: str, out_dir: str, agg: str = "product", plo
     from prm_jax.labeling.grading import grade_many, normalize_answer
 
     if agg not in metrics.AGGREGATIONS:
-        raise ValueError(f"--agg {agg!r}: expected one of {', '.join(metrics.AGGREGATIONS)}")
+        raise InputError(f"--agg {agg!r}: expected one of {', '.join(metrics.AGGREGATIONS)}")
     responses = load_responses(responses_path)
     if not responses:
-        raise ValueError(f"{responses_path}: no responses")
+        raise InputError(f"{responses_path}: no responses")
     groups = group_responses(responses)
     main_host = jax.process_index() == 0
     scores_path = os.path.join(out_dir, "scores.jsonl")

@@ -5,6 +5,7 @@ import argparse
 import logging
 
 from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT
+from prm_jax.flags import input_file, model_dir, nonneg_int, positive_int
 
 
 def load_model(path: str, mesh, dtype: str | None):
@@ -33,14 +34,14 @@ def _threshold(text: str) -> float | str:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prm", required=True, help="PRM directory (Hugging Face layout: config.json + safetensors)")
+    p.add_argument("--prm", required=True, type=model_dir, help="PRM directory (Hugging Face layout: config.json + safetensors)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --prm)")
     p.add_argument("--out", required=True, help="output directory (a rerun on the same one resumes)")
     p.add_argument("--mesh", default=None, help="mesh spec, e.g. data=4,tensor=2 (default: all devices on data)")
-    p.add_argument("--batch-size", type=int, default=32, help="rows per forward (rounded up to the data shards)")
-    p.add_argument("--max-length", type=int, default=4096,
+    p.add_argument("--batch-size", type=positive_int, default=32, help="rows per forward (rounded up to the data shards)")
+    p.add_argument("--max-length", type=positive_int, default=4096,
                    help="tokens per input; steps whose step token falls beyond it get no score")
-    p.add_argument("--tokens-per-batch", type=int, default=16384,
+    p.add_argument("--tokens-per-batch", type=nonneg_int, default=16384,
                    help="cap on rows x bucket length per forward, so long buckets get fewer rows (attention "
                         "scores grow with rows x length^2); 0 = no cap")
     p.add_argument("--step-token", default=DEFAULT_STEP_TOKEN, help="step separator token (name or id)")
@@ -62,13 +63,13 @@ def register(subparsers) -> None:
                     help="step score below which a step is called wrong, or 'tune' (best F1 on the --tune-on subset)")
     pb.add_argument("--tune-on", default="gsm8k", metavar="SUBSET",
                     help="with --threshold tune: the subset whose F1 picks the threshold (default gsm8k)")
-    pb.add_argument("--limit", type=int, default=None,
+    pb.add_argument("--limit", type=positive_int, default=None,
                     help="per subset: the first ceil(L/2) erroneous and floor(L/2) correct samples (smoke runs)")
     pb.set_defaults(func=cmd_processbench)
 
     bon = sub.add_parser("bon", help="Best-of-N: prm@N vs maj@N vs pass@N")
     _common(bon)
-    bon.add_argument("--responses", required=True, help="solution records from `prm-jax sample` (JSONL)")
+    bon.add_argument("--responses", required=True, type=input_file, help="solution records from `prm-jax sample` (JSONL)")
     bon.add_argument("--agg", choices=("product", "min", "last", "mean"), default="product",
                      help="how step scores make a response score (default product, as the paper)")
     bon.set_defaults(func=cmd_bon)

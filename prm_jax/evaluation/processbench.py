@@ -15,9 +15,10 @@ import math
 import os
 from collections.abc import Sequence
 
+from prm_jax.errors import InputError, RunError
 from prm_jax.evaluation import metrics
 from prm_jax.evaluation.scoring import holding_out_dir, open_resumable_scores, score_into
-from prm_jax.records import read_jsonl, write_jsonl
+from prm_jax.records import read_jsonl, read_text, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -43,23 +44,23 @@ class Sample:
 
 def _check_sample(rec, where: str, subset: str) -> Sample:
     if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
 
     def get(key, kind, what):
         if key not in rec:
-            raise ValueError(f"{where}: missing key {key!r}")
+            raise InputError(f"{where}: missing key {key!r}")
         v = rec[key]
         if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-            raise ValueError(f"{where}: key {key!r} should be {what}, got {v!r:.60}")
+            raise InputError(f"{where}: key {key!r} should be {what}, got {v!r:.60}")
         return v
 
     sid = get("id", (str, int), "a string")
     steps = get("steps", list, "a list of strings")
     if not all(isinstance(s, str) for s in steps):
-        raise ValueError(f"{where}: key 'steps' should be a list of strings")
+        raise InputError(f"{where}: key 'steps' should be a list of strings")
     label = get("label", int, "an int")
     if not -1 <= label < len(steps):
-        raise ValueError(f"{where}: key 'label' is {label}, expected -1 or a step index below {len(steps)}")
+        raise InputError(f"{where}: key 'label' is {label}, expected -1 or a step index below {len(steps)}")
     return Sample(id=str(sid), subset=subset, problem=get("problem", str, "a string"), steps=tuple(steps),
                   label=label, final_answer_correct=bool(get("final_answer_correct", bool, "a bool")),
                   generator=rec.get("generator"))
@@ -77,19 +78,18 @@ def balanced_head(samples: list[Sample], limit: int) -> list[Sample]:
 def load_subset(data_dir: str, subset: str, limit: int | None = None) -> list[Sample]:
     path = os.path.join(data_dir, f"{subset}.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: ProcessBench subset {subset!r} not found (expected {subset}.json in "
-                                f"{data_dir})")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        raise InputError(f"{path}: ProcessBench subset {subset!r} not found (expected {subset}.json in "
+                         f"{data_dir})")
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON array of samples, got {type(data).__name__}")
+        raise InputError(f"{path}: expected a JSON array of samples, got {type(data).__name__}")
     samples = [_check_sample(rec, f"{path}: sample {i}", subset) for i, rec in enumerate(data)]
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"{path}: duplicate ids")
+        raise InputError(f"{path}: duplicate ids")
     expected = EXPECTED_COUNTS.get(subset)
     if expected is not None and len(samples) != expected:
         log.warning("%s: %d samples, but the published ProcessBench %s has %d", path, len(samples), subset, expected)
@@ -178,7 +178,7 @@ def run_processbench(scorer, data_dir: str, out_dir: str, subsets: Sequence[str]
 
     tune = threshold == "tune"
     if tune and tune_subset not in subsets:
-        raise ValueError(f"--threshold tune picks the threshold on {tune_subset}; add it to --subsets")
+        raise InputError(f"--threshold tune picks the threshold on {tune_subset}; add it to --subsets")
     if not tune:
         threshold = float(threshold)
     unknown = [s for s in subsets if s not in SUBSETS]
@@ -199,7 +199,7 @@ def run_processbench(scorer, data_dir: str, out_dir: str, subsets: Sequence[str]
     by_key = {r["key"]: r for r in read_jsonl(pred_path)}
     missing = [s.key for s in samples if s.key not in by_key]
     if missing:
-        raise RuntimeError(f"{pred_path}: no row for {len(missing)} samples (first: {missing[0]})")
+        raise RunError(f"{pred_path}: no row for {len(missing)} samples (first: {missing[0]})")
     rows = [by_key[s.key] for s in samples]
     tuned_f1 = None
     if tune:

@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT, encode_prm, resolve_step_token
+from prm_jax.errors import InputError
 from prm_jax.models.prm import step_probs
 from prm_jax.parallel.mesh import shard_batch, state_shardings
 from prm_jax.records import OutputLock, ResumableWriter
@@ -258,7 +259,7 @@ def check_resume(scorer: PRMScorer, out_dir: str, name: str = "scoring.json") ->
         if b is None or abs(b - now["param_sumsq"]) > 1e-4 * max(abs(b), 1e-12):
             diff.append("weights (param_sumsq)")
         if diff:
-            raise ValueError(f"{path}: {out_dir} holds scores from a different PRM or settings (differs in: "
+            raise InputError(f"{path}: {out_dir} holds scores from a different PRM or settings (differs in: "
                              f"{', '.join(diff)}); use a new --out or remove it")
         return
     os.makedirs(out_dir, exist_ok=True)

@@ -1,18 +1,21 @@
 """`prm-jax judge`, `prm-jax filter` and `prm-jax convert`."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
 import sys
+
+from prm_jax.errors import InputError
+from prm_jax.flags import (add_allow_empty, input_file, nonneg_float, nonneg_int, positive_float, positive_int,
+                            require_records, top_p)
 
 
 def register(sub) -> None:
     p = sub.add_parser("judge", help="label solutions' first wrong step with an LLM judge",
                        description="Ask an LLM judge (SGLang, any OpenAI-compatible server, or a local JAX "
                                    "model) for the first wrong step of every solution; resumable and cached.")
-    p.add_argument("--solutions", required=True, help="solution records (JSONL with id, problem, steps)")
+    p.add_argument("--solutions", required=True, type=input_file, help="solution records (JSONL with id, problem, steps)")
     p.add_argument("--out", required=True, help="judge-labelled records (JSONL; appended, resumable)")
     p.add_argument("--api", choices=("sglang", "openai", "local"), default="sglang")
     p.add_argument("--endpoint", help="server URL, e.g. http://127.0.0.1:30000 (sglang, openai)")
@@ -21,15 +24,15 @@ def register(sub) -> None:
     p.add_argument("--tokenizer", help="judge tokenizer directory whose chat template is applied "
                                        "(sglang: required; local: defaults to --model)")
     p.add_argument("--template", default="default", help="template file, or a shipped name: default, boxed")
-    p.add_argument("--samples", type=int, default=1, help="replies per solution; majority vote when > 1")
-    p.add_argument("--concurrency", type=int, default=64, help="requests in flight")
-    p.add_argument("--batch-size", type=int, default=1, help="prompts per /generate request (sglang, local)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--max-retries", type=int, default=6)
-    p.add_argument("--max-rps", type=float, default=None, help="cap on request starts per second")
-    p.add_argument("--max-new-tokens", type=int, default=2048)
-    p.add_argument("--temperature", type=float, default=None, help="default 0 with one sample, 0.7 with several")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--samples", type=positive_int, default=1, help="replies per solution; majority vote when > 1")
+    p.add_argument("--concurrency", type=positive_int, default=64, help="requests in flight")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="prompts per /generate request (sglang, local)")
+    p.add_argument("--timeout", type=positive_float, default=600.0, help="seconds per request")
+    p.add_argument("--max-retries", type=nonneg_int, default=6)
+    p.add_argument("--max-rps", type=positive_float, default=None, help="cap on request starts per second")
+    p.add_argument("--max-new-tokens", type=positive_int, default=2048)
+    p.add_argument("--temperature", type=nonneg_float, default=None, help="default 0 with one sample, 0.7 with several")
+    p.add_argument("--top-p", type=top_p, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (openai)")
@@ -39,15 +42,17 @@ def register(sub) -> None:
     p.add_argument("--cache", help="reply cache (default: OUT.cache.jsonl)")
     p.add_argument("--failed", help="list of records that got no reply (default: OUT.failed.jsonl)")
     p.add_argument("--no-progress", action="store_true")
+    add_allow_empty(p)
     p.set_defaults(func=run_judge)
 
     p = sub.add_parser("filter", help="consensus filter: keep solutions where MC and judge agree",
                        description="Keep a solution iff its MC first error equals the judge's (both -1 included) "
                                    "and write training records; report retention and agreement.")
-    p.add_argument("--mc", required=True, help="MC-labelled records (JSONL with mc.first_error)")
-    p.add_argument("--judge", required=True, help="judge-labelled records (JSONL with judge.first_error)")
+    p.add_argument("--mc", required=True, type=input_file, help="MC-labelled records (JSONL with mc.first_error)")
+    p.add_argument("--judge", required=True, type=input_file, help="judge-labelled records (JSONL with judge.first_error)")
     p.add_argument("--out", required=True, help="training records (JSONL)")
     p.add_argument("--report", required=True, help="report (JSON)")
+    add_allow_empty(p)
     p.set_defaults(func=run_filter)
 
     from prm_jax.data.formats import FORMATS
@@ -57,6 +62,7 @@ def register(sub) -> None:
     p.add_argument("--from", dest="src_format", required=True, choices=FORMATS)
     p.add_argument("--to", dest="dst_format", required=True, choices=FORMATS)
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of failing")
+    add_allow_empty(p)
     p.add_argument("input")
     p.add_argument("output")
     p.set_defaults(func=run_convert)
@@ -73,22 +79,22 @@ def _make_client(args):
                                  top_k=args.top_k, seed=args.seed)
     if args.api == "local":
         if not args.model:
-            raise SystemExit("prm-jax judge: --api local needs --model (an HF chat model directory)")
+            raise InputError("--api local needs --model (an HF chat model directory)")
         tok = None
         if args.tokenizer:
             from transformers import AutoTokenizer
             tok = AutoTokenizer.from_pretrained(args.tokenizer)
         return jc.LocalClient(args.model, sampling, tokenizer=tok), args.model
     if not args.endpoint:
-        raise SystemExit(f"prm-jax judge: --api {args.api} needs --endpoint URL")
+        raise InputError(f"--api {args.api} needs --endpoint URL")
     common = dict(concurrency=args.concurrency, timeout=args.timeout, max_rps=args.max_rps,
                   retry=jc.RetryPolicy(max_retries=args.max_retries), seed=args.seed, transport=args.transport)
     if args.api == "openai":
         if not args.model:
-            raise SystemExit("prm-jax judge: --api openai needs --model (the served model's name)")
+            raise InputError("--api openai needs --model (the served model's name)")
         return jc.OpenAIClient(args.endpoint, args.model, sampling, api_key=args.api_key, **common), args.model
     if not args.tokenizer:
-        raise SystemExit("prm-jax judge: --api sglang needs --tokenizer DIR (the judge's chat template)")
+        raise InputError("--api sglang needs --tokenizer DIR (the judge's chat template)")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -100,6 +106,7 @@ async def _judge(args) -> int:
 
     template = load_template(args.template)
     solutions = read_solutions(args.solutions)
+    require_records(solutions, args.solutions, args.allow_empty)
     empty = [s for s in solutions if not s.record["steps"]]
     if empty:
         solutions = [s for s in solutions if s.record["steps"]]
@@ -134,7 +141,9 @@ def run_filter(args) -> int:
     from prm_jax.records import write_jsonl
 
     mc = load_labelled(args.mc, "mc")
+    require_records(mc, args.mc, args.allow_empty)
     judged = load_labelled(args.judge, "judge")
+    require_records(judged, args.judge, args.allow_empty)
     kept, report = consensus_filter(mc, judged)
     write_jsonl(args.out, kept)
     tmp = f"{args.report}.tmp-{os.getpid()}"
@@ -149,9 +158,13 @@ def run_filter(args) -> int:
 def run_convert(args) -> int:
     from prm_jax.data.formats import convert
 
-    result = convert(args.src_format, args.dst_format, args.input, args.output, skip_bad=args.skip_bad)
+    result = convert(args.src_format, args.dst_format, args.input, args.output, skip_bad=args.skip_bad,
+                     allow_empty=args.allow_empty)
     print(f"{args.input} ({args.src_format}) -> {args.output} ({args.dst_format}): "
           f"{result.written} records written, {len(result.skipped)} skipped")
+    if result.dropped:
+        print(f"  dropped keys the {args.dst_format} format has no field for: "
+              + ", ".join(f"{k} ({n} records)" for k, n in result.dropped.items()), file=sys.stderr)
     for msg in result.skipped[:10]:
         print(f"  skipped {msg}", file=sys.stderr)
     if len(result.skipped) > 10:
@@ -161,10 +174,9 @@ def run_convert(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """These three commands alone (tests and scripts use this without the other stages' imports)."""
-    parser = argparse.ArgumentParser(prog="prm-jax")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    from prm_jax.cli import main as cli_main  # cli imports this module: import it at call time
+
+    return cli_main(argv, modules=(__name__,))
 
 
 if __name__ == "__main__":

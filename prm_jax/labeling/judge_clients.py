@@ -36,6 +36,8 @@ from typing import Any
 
 import httpx
 
+from prm_jax.errors import RunError
+
 Messages = list[dict[str, str]]
 
 
@@ -100,7 +102,7 @@ class RetryableError(Exception):
         self.retry_after = retry_after
 
 
-class JudgeRequestError(RuntimeError):
+class JudgeRequestError(RunError):
     """A request that failed for good (retries exhausted or a non-retryable status)."""
 
 

@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from prm_jax.data.prm_format import DEFAULT_SYSTEM_PROMPT
+from prm_jax.errors import InputError
 from prm_jax.labeling import grading
 from prm_jax.labeling.steps import join_steps, policy_prompt_ids, rollout_prefix_ids
 
@@ -64,11 +65,11 @@ class MCConfig:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+            raise InputError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+            raise InputError(f"n must be >= 1, got {self.n}")
         if not 0 <= self.threshold < self.n:
-            raise ValueError(f"threshold must be in [0, n) = [0, {self.n}), got {self.threshold}")
+            raise InputError(f"threshold must be in [0, n) = [0, {self.n}), got {self.threshold}")
 
 
 def max_probes(num_steps: int, mode: str) -> int:

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from prm_jax.errors import InputError
+
 Array = jax.Array
 REMAT_POLICIES = {"nothing": None, "matmuls": jax.checkpoint_policies.save_only_these_names("matmul")}
 KVCache = list  # [(k, v)] per layer, each [B, kv_heads, S, head_dim]
@@ -49,11 +51,11 @@ class Qwen2Config:
 
     def __post_init__(self):
         if self.attention_impl not in ("xla", "cudnn", "auto"):
-            raise ValueError(f"attention_impl={self.attention_impl!r}: expected 'xla', 'cudnn' or 'auto'")
+            raise InputError(f"attention_impl={self.attention_impl!r}: expected 'xla', 'cudnn' or 'auto'")
         if self.remat_saves not in REMAT_POLICIES:
-            raise ValueError(f"remat_saves={self.remat_saves!r}: expected one of {sorted(REMAT_POLICIES)}")
+            raise InputError(f"remat_saves={self.remat_saves!r}: expected one of {sorted(REMAT_POLICIES)}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+            raise InputError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
 
     @property
     def flash(self) -> bool:
@@ -100,20 +102,20 @@ class Qwen2Config:
         """Build from a transformers Qwen2 config dict; refuse what this port does not implement."""
         def need(key):
             if key not in hf:
-                raise ValueError(f"{source}: missing key {key!r}")
+                raise InputError(f"{source}: missing key {key!r}")
             return hf[key]
 
         if hf.get("model_type") not in ("qwen2", None):
-            raise ValueError(f"{source}: key 'model_type' is {hf.get('model_type')!r}; only 'qwen2' is supported")
+            raise InputError(f"{source}: key 'model_type' is {hf.get('model_type')!r}; only 'qwen2' is supported")
         if hf.get("use_sliding_window"):
-            raise ValueError(f"{source}: key 'use_sliding_window' is true; sliding-window attention is not supported")
+            raise InputError(f"{source}: key 'use_sliding_window' is true; sliding-window attention is not supported")
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: key 'hidden_act' is {hf['hidden_act']!r}; only 'silu' is supported")
+            raise InputError(f"{source}: key 'hidden_act' is {hf['hidden_act']!r}; only 'silu' is supported")
         if hf.get("rope_scaling"):
-            raise ValueError(f"{source}: key 'rope_scaling' is set ({hf['rope_scaling']!r}); only plain RoPE is supported")
+            raise InputError(f"{source}: key 'rope_scaling' is set ({hf['rope_scaling']!r}); only plain RoPE is supported")
         rope = hf.get("rope_parameters") or {}
         if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"{source}: key 'rope_parameters.rope_type' is {rope['rope_type']!r}; "
+            raise InputError(f"{source}: key 'rope_parameters.rope_type' is {rope['rope_type']!r}; "
                              "only 'default' RoPE is supported")
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         heads = need("num_attention_heads")

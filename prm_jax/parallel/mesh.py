@@ -17,6 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from prm_jax.errors import InputError
+
 AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axes it is sharded over (None = replicated).
@@ -45,23 +47,23 @@ def parse_mesh_spec(spec: str | None, n_devices: int) -> dict[str, int]:
         name, _, value = part.partition("=")
         name = name.strip()
         if name not in sizes or not value.strip().lstrip("-").isdigit():
-            raise ValueError(f"mesh spec {spec!r}: expected comma-separated {'|'.join(AXES)}=N, got {part!r}")
+            raise InputError(f"mesh spec {spec!r}: expected comma-separated {'|'.join(AXES)}=N, got {part!r}")
         size = int(value)
         if size == -1:
             if fill is not None:
-                raise ValueError(f"mesh spec {spec!r}: only one axis may be -1")
+                raise InputError(f"mesh spec {spec!r}: only one axis may be -1")
             fill = name
         elif size < 1:
-            raise ValueError(f"mesh spec {spec!r}: axis {name} must be >= 1 or -1")
+            raise InputError(f"mesh spec {spec!r}: axis {name} must be >= 1 or -1")
         else:
             sizes[name] = size
     fixed = math.prod(v for k, v in sizes.items() if k != fill)
     if fill is not None:
         if n_devices % fixed:
-            raise ValueError(f"mesh spec {spec!r}: {n_devices} devices do not divide by {fixed}")
+            raise InputError(f"mesh spec {spec!r}: {n_devices} devices do not divide by {fixed}")
         sizes[fill] = n_devices // fixed
     if math.prod(sizes.values()) != n_devices:
-        raise ValueError(f"mesh spec {spec!r} uses {math.prod(sizes.values())} devices, but {n_devices} are present")
+        raise InputError(f"mesh spec {spec!r} uses {math.prod(sizes.values())} devices, but {n_devices} are present")
     return sizes
 
 
@@ -71,7 +73,7 @@ def make_mesh(spec: str | tuple[int, int, int] | None = None, devices: Sequence[
     if isinstance(spec, tuple):
         sizes = dict(zip(AXES, spec))
         if math.prod(spec) != len(devices):
-            raise ValueError(f"mesh shape {spec} needs {math.prod(spec)} devices, {len(devices)} present")
+            raise InputError(f"mesh shape {spec} needs {math.prod(spec)} devices, {len(devices)} present")
     else:
         sizes = parse_mesh_spec(spec, len(devices))
     shape = tuple(sizes[a] for a in AXES)

@@ -14,9 +14,13 @@ import collections
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from prm_jax.data.prm_format import DEFAULT_SYSTEM_PROMPT
+from prm_jax.errors import InputError
+from prm_jax.flags import (add_allow_empty, input_file, model_dir, nonneg_float, nonneg_int, positive_float,
+                            positive_int, require_records, top_p)
 from prm_jax.records import RecordError, iter_lines
 
 PROBLEM_FORMATS = ("auto", "records", "gsm8k", "math")
@@ -26,18 +30,18 @@ def register(sub) -> None:
     p = sub.add_parser("sample", help="sample policy solutions for problems (JAX sampler)",
                        description="Sample N solutions per problem with the policy, split them into steps "
                                    "and extract the final answer; resumable.")
-    p.add_argument("--policy", required=True, help="policy directory (HF Qwen2ForCausalLM + tokenizer)")
-    p.add_argument("--problems", required=True,
+    p.add_argument("--policy", required=True, type=model_dir, help="policy directory (HF Qwen2ForCausalLM + tokenizer)")
+    p.add_argument("--problems", required=True, type=input_file,
                    help='problems: JSONL {"id","problem","answer"}, or raw GSM8K / MATH(-500) JSONL')
     p.add_argument("--format", choices=PROBLEM_FORMATS, default="auto", help="problem file format (default: "
                    "detected from the first record)")
     p.add_argument("--out", required=True, help="solution records (JSONL; appended, resumable)")
-    p.add_argument("--n", type=int, default=1, help="solutions per problem")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=16, help="problems per batch (n rows each)")
+    p.add_argument("--n", type=positive_int, default=1, help="solutions per problem")
+    p.add_argument("--temperature", type=nonneg_float, default=0.7)
+    p.add_argument("--top-p", type=top_p, default=0.8)
+    p.add_argument("--top-k", type=nonneg_int, default=0, help="0 = off")
+    p.add_argument("--max-new-tokens", type=positive_int, default=1024)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="problems per batch (n rows each)")
     _common(p)
     p.set_defaults(func=run_sample)
 
@@ -46,19 +50,19 @@ def register(sub) -> None:
                                    "problem + steps[:i+1] and count the rollouts reaching the gold answer (a finished "
                                    "solution's last step counts its own answer, N times or none); "
                                    "writes solution + mc records; resumable.")
-    p.add_argument("--policy", required=True, help="policy directory (HF Qwen2ForCausalLM + tokenizer)")
-    p.add_argument("--solutions", required=True, help='solution records (JSONL with "id","problem","answer","steps")')
+    p.add_argument("--policy", required=True, type=model_dir, help="policy directory (HF Qwen2ForCausalLM + tokenizer)")
+    p.add_argument("--solutions", required=True, type=input_file, help='solution records (JSONL with "id","problem","answer","steps")')
     p.add_argument("--out", required=True, help="MC-labelled records (JSONL; appended, resumable)")
-    p.add_argument("--n", type=int, default=8, help="rollouts per step prefix")
-    p.add_argument("--threshold", type=int, default=0, help="a step is positive iff correct rollouts > this")
+    p.add_argument("--n", type=positive_int, default=8, help="rollouts per step prefix")
+    p.add_argument("--threshold", type=nonneg_int, default=0, help="a step is positive iff correct rollouts > this")
     p.add_argument("--mode", choices=("all", "first-error", "binary"), default="all",
                    help="all steps; stop at the first hard negative; binary search for it (assumes monotonicity)")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=8, help="solutions labelled together")
-    p.add_argument("--max-prefixes", type=int, default=64, help="step prefixes per sampler call")
+    p.add_argument("--temperature", type=nonneg_float, default=0.7)
+    p.add_argument("--top-p", type=top_p, default=0.8)
+    p.add_argument("--top-k", type=nonneg_int, default=0, help="0 = off")
+    p.add_argument("--max-new-tokens", type=positive_int, default=1024)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="solutions labelled together")
+    p.add_argument("--max-prefixes", type=positive_int, default=64, help="step prefixes per sampler call")
     _common(p)
     p.set_defaults(func=run_rollout)
 
@@ -69,10 +73,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: the checkpoint's)")
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
                    help="policy system prompt ('' for none; default: Qwen2.5-Math's CoT prompt)")
-    p.add_argument("--grade-workers", type=int, default=2,
+    p.add_argument("--grade-workers", type=nonneg_int, default=2,
                    help="processes grading answers with math-verify (0: grade in this process)")
-    p.add_argument("--grade-timeout", type=float, default=5.0, help="seconds of math-verify per answer")
+    p.add_argument("--grade-timeout", type=positive_float, default=5.0, help="seconds of math-verify per answer")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_allow_empty(p)
 
 
 # -- input ------------------------------------------------------------------------------------------
@@ -157,14 +162,28 @@ def _setup(args):
     return pidx, pcount, mesh, part_path(args.out, pidx, pcount)
 
 
-def _load_policy(args, mesh):
-    from prm_jax.models.hf import load_causal_lm, load_tokenizer
+def _load_policy(args, mesh, tokenizer):
+    from prm_jax.models.hf import load_causal_lm
 
     t0 = time.perf_counter()
     model = load_causal_lm(args.policy, mesh=mesh, dtype=args.dtype)
-    tokenizer = load_tokenizer(args.policy)
     print(f"loaded policy {args.policy} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    return model, tokenizer
+    return model
+
+
+def check_context(args, tokenizer, prompts: Iterator[tuple[Any, list[int]]], what: str) -> None:
+    """The rule for long inputs: every prompt (`what`, e.g. a problem's chat prefix, or a solution's
+    longest rollout prefix) plus --max-new-tokens must fit the policy's context
+    (config.json `max_position_embeddings`). Checked for all records before any output is made; the
+    first one that does not fit is named, with its length."""
+    from prm_jax.models.hf import read_config
+
+    context = int(read_config(args.policy).get("max_position_embeddings", 32768))
+    for rid, ids in prompts:
+        if len(ids) + args.max_new_tokens > context:
+            raise InputError(f"{what} of record {rid!r} is {len(ids)} tokens; with --max-new-tokens "
+                             f"{args.max_new_tokens} it exceeds the policy's context of {context} tokens "
+                             f"(shorten or drop it, or lower --max-new-tokens)")
 
 
 def _progress(total: int, desc: str, disable: bool):
@@ -183,11 +202,14 @@ def run_sample(args) -> int:
     from prm_jax.labeling.grading import Grader, extract_answer
     from prm_jax.labeling.mc import default_stop_ids, stable_key_id
     from prm_jax.labeling.steps import policy_prompt_ids, split_steps
+    from prm_jax.models.hf import load_tokenizer
     from prm_jax.records import ResumableWriter, process_shard
 
-    if args.n < 1:
-        raise SystemExit("prm-jax sample: --n must be >= 1")
     problems = read_problems(args.problems, args.format)
+    require_records(problems, args.problems, args.allow_empty)
+    tok = load_tokenizer(args.policy)
+    check_context(args, tok, ((p["id"], policy_prompt_ids(tok, p["problem"], _system(args))) for p in problems),
+                  "the prompt")
     pidx, pcount, mesh, out_path = _setup(args)
     problems = process_shard(problems, pidx, pcount)
     generator = os.path.basename(os.path.normpath(args.policy))
@@ -201,7 +223,7 @@ def run_sample(args) -> int:
         if todo:
             from prm_jax.sampling.sampler import generate_from_prefixes
 
-            model, tok = _load_policy(args, mesh)
+            model = _load_policy(args, mesh, tok)
             stops = default_stop_ids(tok)
             bar = _progress(len(todo), "sample", args.no_progress)
             for start in range(0, len(todo), args.batch_size):
@@ -243,13 +265,20 @@ def run_sample(args) -> int:
 def run_rollout(args) -> int:
     from prm_jax.labeling.grading import Grader
     from prm_jax.labeling.mc import MCConfig, SamplerPolicy, hard_labels, label_solutions
+    from prm_jax.labeling.steps import rollout_prefix_ids
+    from prm_jax.models.hf import load_tokenizer
     from prm_jax.records import ResumableWriter, process_shard
 
     try:
         cfg = MCConfig(n=args.n, threshold=args.threshold, mode=args.mode, max_prefixes=args.max_prefixes)
     except ValueError as e:
-        raise SystemExit(f"prm-jax rollout: {e}") from None
+        raise InputError(str(e)) from None
     solutions = read_solutions(args.solutions)
+    require_records(solutions, args.solutions, args.allow_empty)
+    tok = load_tokenizer(args.policy)
+    check_context(args, tok, ((s["id"], rollout_prefix_ids(tok, s["problem"], s["steps"], len(s["steps"]) - 1,
+                                                          _system(args)))
+                              for s in solutions if s["steps"]), "the longest rollout prefix")
     pidx, pcount, mesh, out_path = _setup(args)
     solutions = process_shard(solutions, pidx, pcount)
     t0 = time.perf_counter()
@@ -261,7 +290,7 @@ def run_rollout(args) -> int:
               file=sys.stderr)
         policy = None
         if todo:
-            model, tok = _load_policy(args, mesh)
+            model = _load_policy(args, mesh, tok)
             policy = SamplerPolicy(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                    top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                    system_prompt=_system(args), mesh=mesh)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from prm_jax.errors import InputError
+from prm_jax.flags import unit_interval
 from prm_jax.records import RecordError, iter_lines, write_jsonl
 
 
@@ -55,7 +57,7 @@ def register(subparsers) -> None:
     s = sub.add_parser("solutions", help="reference solutions, some with injected errors")
     s.add_argument("--problems", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--error-rate", type=float, default=0.5)
+    s.add_argument("--error-rate", type=unit_interval, default=0.5)
     s.add_argument("--per-problem", type=int, default=1)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_solutions)
@@ -89,7 +91,7 @@ def cmd_problems(args) -> int:
     try:
         cfg = WorldConfig.for_size(args.size, **overrides)
     except ValueError as e:
-        raise SystemExit(f"prm-jax toy problems: {e}") from None
+        raise InputError(str(e)) from None
     n = write_jsonl(args.out, generate_problems(args.n, args.seed, cfg))
     print(f"wrote {n} problems to {args.out}")
     return 0
@@ -98,8 +100,6 @@ def cmd_problems(args) -> int:
 def cmd_solutions(args) -> int:
     from prm_jax.toyworld.world import sample_solutions
 
-    if not 0.0 <= args.error_rate <= 1.0:
-        raise SystemExit(f"--error-rate must be in [0, 1], got {args.error_rate}")
     problems = _read_worlds(args.problems, need=("id", "problem", "answer"))
     sols = sample_solutions(problems, seed=args.seed, error_rate=args.error_rate, per_problem=args.per_problem)
     n = write_jsonl(args.out, sols)

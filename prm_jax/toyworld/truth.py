@@ -21,6 +21,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from prm_jax.errors import InputError
 from prm_jax.evaluation.metrics import harmonic_mean, subset_metrics
 from prm_jax.toyworld.world import check_steps
 
@@ -32,7 +33,7 @@ def true_first_errors(records: Iterable[Mapping[str, Any]]) -> dict[str, int | N
     truth = {}
     for rec in records:
         if "id" not in rec or "steps" not in rec:
-            raise ValueError(f"solution record needs 'id' and 'steps', got keys {sorted(rec)}")
+            raise InputError(f"solution record needs 'id' and 'steps', got keys {sorted(rec)}")
         truth[rec["id"]] = check_steps(rec, rec["steps"]).first_error
     return truth
 
@@ -50,10 +51,10 @@ def source_first_error(record: Mapping[str, Any], source: str) -> int | None:
     if source == "labels":
         return labels_first_error(record["labels"])
     if source not in SOURCES:
-        raise ValueError(f"unknown label source {source!r} (expected one of {SOURCES})")
+        raise InputError(f"unknown label source {source!r} (expected one of {SOURCES})")
     block = record.get(source)
     if not isinstance(block, Mapping) or "first_error" not in block:
-        raise ValueError(f"record {record.get('id')!r}: no {source!r} block with a 'first_error'")
+        raise InputError(f"record {record.get('id')!r}: no {source!r} block with a 'first_error'")
     return block["first_error"]
 
 

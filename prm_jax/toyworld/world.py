@@ -38,6 +38,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from prm_jax.errors import InputError
 from prm_jax.labeling import grading
 from prm_jax.labeling.steps import join_steps
 
@@ -76,11 +77,11 @@ class WorldConfig:
 
     def __post_init__(self):
         if not 1 <= self.min_steps <= self.max_steps:
-            raise ValueError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+            raise InputError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
         if not self.ops or any(op not in OPS for op in self.ops):
-            raise ValueError(f"ops must be a non-empty subset of {OPS}, got {self.ops}")
+            raise InputError(f"ops must be a non-empty subset of {OPS}, got {self.ops}")
         if self.max_value < max(self.max_start, self.max_operand, 2 * self.max_factor):
-            raise ValueError("max_value must be >= max_start, max_operand and 2 * max_factor")
+            raise InputError("max_value must be >= max_start, max_operand and 2 * max_factor")
 
     @classmethod
     def tiny(cls, **kw) -> "WorldConfig":
@@ -96,7 +97,7 @@ class WorldConfig:
     @classmethod
     def for_size(cls, size: str, **kw) -> "WorldConfig":
         if size not in ("tiny", "small"):
-            raise ValueError(f"size must be 'tiny' or 'small', got {size!r}")
+            raise InputError(f"size must be 'tiny' or 'small', got {size!r}")
         return getattr(cls, size)(**kw)
 
 
@@ -122,7 +123,7 @@ def running_values(world: Mapping[str, Any]) -> list[int]:
     for op, operand in world["ops"]:
         values.append(apply_op(values[-1], op, operand))
         if values[-1] is None or values[-1] < 0:
-            raise ValueError(f"toy world {dict(world)} leaves the non-negative integers at "
+            raise InputError(f"toy world {dict(world)} leaves the non-negative integers at "
                              f"{values[-2]} {op} {operand}")
     return values
 
@@ -135,12 +136,12 @@ def world_of(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     want = "a toy world {'start': int, 'ops': [[op, int], ...]} (or a record with a 'world' key)"
     if not isinstance(world, Mapping) or "start" not in world or "ops" not in world:
         keys = sorted(world) if isinstance(world, Mapping) else type(world).__name__
-        raise ValueError(f"{where}expected {want}, got {keys}")
+        raise InputError(f"{where}expected {want}, got {keys}")
     start, ops = world["start"], world["ops"]
     ok = isinstance(start, int) and start >= 0 and isinstance(ops, list) and ops and all(
         isinstance(o, (list, tuple)) and len(o) == 2 and o[0] in OPS and isinstance(o[1], int) for o in ops)
     if not ok:
-        raise ValueError(f"{where}expected {want} with start >= 0, ops from {OPS} and at least one op, "
+        raise InputError(f"{where}expected {want} with start >= 0, ops from {OPS} and at least one op, "
                          f"got start={start!r}, ops={ops!r}")
     return world
 

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT
+from prm_jax.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,24 +102,24 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
                 return coerce(value, a, where)
             except ValueError as e:
                 errors.append(str(e))
-        raise ValueError(errors[0] if errors else f"{where}: bad value {value!r}")
+        raise InputError(errors[0] if errors else f"{where}: bad value {value!r}")
     if hint is Any:
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
+            raise InputError(f"{where}: expected a list, got {value!r}")
         return tuple(coerce(v, args[0], where) for v in value)
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+            raise InputError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
     if hint is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{where}: expected true/false, got {value!r}")
+            raise InputError(f"{where}: expected true/false, got {value!r}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
+            raise InputError(f"{where}: expected an integer, got {value!r}")
         return value
     if hint is float:
         if isinstance(value, str):  # YAML reads "1e-5" (no dot) as a string
@@ -127,11 +128,11 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
+            raise InputError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError(f"{where}: expected a string, got {value!r}")
+            raise InputError(f"{where}: expected a string, got {value!r}")
         return str(value)
     return value
 
@@ -141,7 +142,7 @@ def _section(cls, values: dict[str, Any], where: str):
     kw = {}
     for k, v in values.items():
         if k not in hints:
-            raise ValueError(f"{where}: unknown key {k!r}; expected one of {', '.join(hints)}")
+            raise InputError(f"{where}: unknown key {k!r}; expected one of {', '.join(hints)}")
         kw[k] = coerce(v, hints[k], f"{where}.{k}")
     return cls(**kw)
 
@@ -149,10 +150,10 @@ def _section(cls, values: dict[str, Any], where: str):
 def from_dict(d: dict[str, Any] | None, source: str = "config") -> TrainConfig:
     d = d or {}
     if not isinstance(d, dict):
-        raise ValueError(f"{source}: expected a mapping with sections {', '.join(_SECTION_CLASSES)}")
+        raise InputError(f"{source}: expected a mapping with sections {', '.join(_SECTION_CLASSES)}")
     for k in d:
         if k not in _SECTION_CLASSES:
-            raise ValueError(f"{source}: unknown section {k!r}; expected one of {', '.join(_SECTION_CLASSES)}")
+            raise InputError(f"{source}: unknown section {k!r}; expected one of {', '.join(_SECTION_CLASSES)}")
     return TrainConfig(**{name: _section(cls, d.get(name) or {}, f"{source}:{name}")
                           for name, cls in _SECTION_CLASSES.items()})
 
@@ -169,13 +170,13 @@ def resolve_key(key: str) -> tuple[str, str]:
     if "." in key:
         section, _, name = key.partition(".")
         if section not in _SECTION_CLASSES or name not in {f.name for f in dataclasses.fields(_SECTION_CLASSES[section])}:
-            raise ValueError(f"--set {key}: unknown key")
+            raise InputError(f"--set {key}: unknown key")
         return section, name
     hits = [s for s, cls in _SECTION_CLASSES.items() if key in {f.name for f in dataclasses.fields(cls)}]
     if not hits:
-        raise ValueError(f"--set {key}: unknown key")
+        raise InputError(f"--set {key}: unknown key")
     if len(hits) > 1:
-        raise ValueError(f"--set {key}: ambiguous, write one of {', '.join(f'{s}.{key}' for s in hits)}")
+        raise InputError(f"--set {key}: ambiguous, write one of {', '.join(f'{s}.{key}' for s in hits)}")
     return hits[0], key
 
 
@@ -185,7 +186,7 @@ def apply_overrides(cfg: TrainConfig, assignments: list[str] | None) -> TrainCon
     for a in assignments or []:
         key, sep, text = a.partition("=")
         if not sep:
-            raise ValueError(f"--set {a!r}: expected key=value")
+            raise InputError(f"--set {a!r}: expected key=value")
         section, name = resolve_key(key.strip())
         d[section][name] = yaml.safe_load(text) if text.strip() else None
     return from_dict(d, source="--set")
