@@ -4,6 +4,9 @@ Layout: OUT/checkpoints/<step>/{params, opt_state, data, meta}. Orbax writes eac
 temporary directory and renames it when complete, so a crash mid-save never leaves a step that
 looks finished; the manager keeps the newest `keep` steps. Saving is asynchronous: `save` returns
 once the arrays are copied off the devices and the files are written in the background.
+A preemption save (`save_now`) waits for that background work, before and after, so the step is on
+disk when the run says so. Resuming takes the newest step that restores (`restore_newest`): a step
+that does not (a torn file, a missing item) is logged, skipped and renamed `<step>.unrestorable`.
 
 `meta` (JSON) holds what is needed to rebuild the model without the original init directory:
 the architecture ("prm" | "lm"), the Qwen2Config fields, the objective and the training config.
@@ -12,15 +15,22 @@ The tokenizer lives next to the checkpoints in OUT/tokenizer.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
+from prm_jax.models.hf import CheckpointError  # also this module's error: a step that does not restore
 from prm_jax.models.qwen2 import Qwen2Config
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Checkpointer:
@@ -59,9 +69,65 @@ class Checkpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
+    def set_aside(self, steps: list[int]) -> list[str]:
+        """Rename steps that do not restore to `<step>.unrestorable[.N]` (orbax ignores such names),
+        so a resumed run can save those steps again, and nothing is deleted. Every process calls it;
+        process 0 renames. Returns the new paths."""
+        moved = []
+        for step in steps:
+            dst = base = self.step_dir(step) + ".unrestorable"
+            n = 1
+            while os.path.exists(dst):
+                dst, n = f"{base}.{n}", n + 1
+            if jax.process_index() == 0:
+                os.rename(self.step_dir(step), dst)
+            moved.append(dst)
+        if steps:
+            multihost_utils.sync_global_devices("prm_jax checkpoint set_aside")
+            self.manager.reload()
+        return moved
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def save_now(self, step: int, params: Any, opt_state: Any, data_state: dict[str, Any],
+                 meta: dict[str, Any]) -> None:
+        """Save `step` and return only once it is on disk (a preemption save: the process exits next).
+        Waits for any in-flight async save first, then for this one; every process of a multi-host
+        run calls it (orbax's save and wait are collective). Raises if the step did not land."""
+        self.wait()
+        if step not in self.all_steps():  # the periodic save of this very step may have written it already
+            self.save(step, params, opt_state, data_state, meta)
+        self.wait()
+        # Orbax logs (and swallows) a failed background commit and leaves the step unfinalized:
+        # only the renamed step directory proves the save completed.
+        if not os.path.isdir(os.path.join(self.step_dir(step), "params")):
+            raise RuntimeError(f"{self.step_dir(step)}: the save of step {step} did not complete")
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one short line (TensorStore errors span many lines and quote whole specs)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
+def restore_newest(ckpt: Checkpointer, restore: Callable[[int], T], steps: list[int] | None = None) -> tuple[int, T]:
+    """(step, restore(step)) for the newest step that restores, newest first; each step skipped is
+    logged with the reason. None restoring is a CheckpointError naming the directory."""
+    steps = sorted(ckpt.all_steps() if steps is None else steps, reverse=True)
+    reasons = []
+    for step in steps:
+        try:
+            return step, restore(step)
+        except Exception as e:  # any failure to read a step (TensorStore, JSON, a missing item)
+            reasons.append(f"step {step}: {one_line(e)}")
+            log.warning("checkpoint %s does not restore, skipping it: %s", ckpt.step_dir(step), one_line(e))
+    raise CheckpointError(f"{ckpt.directory}: no checkpoint restores"
+                          + (f" ({'; '.join(reasons)})" if reasons else " (no steps)"))
 
 
 def abstract_like(tree: Any, shardings: Any | None = None) -> Any:
@@ -109,10 +175,14 @@ def load_model(checkpoint: str, step: int | None = None) -> tuple[nnx.Module, di
         raise FileNotFoundError(f"{root}: no checkpoint steps found")
     if step not in ckpt.all_steps():
         raise FileNotFoundError(f"{root}: no checkpoint at step {step} (have {ckpt.all_steps()})")
-    meta = ckpt.read_meta(step)
-    graphdef, abstract, _ = build_abstract(meta)
-    params, _, _, meta = ckpt.restore(step, abstract_like(abstract))
-    ckpt.close()
+    try:
+        meta = ckpt.read_meta(step)
+        graphdef, abstract, _ = build_abstract(meta)
+        params, _, _, meta = ckpt.restore(step, abstract_like(abstract))
+    except Exception as e:  # a corrupt step: one line naming it, not a TensorStore traceback
+        raise CheckpointError(f"{ckpt.step_dir(step)}: checkpoint does not restore: {one_line(e)}") from e
+    finally:
+        ckpt.close()
     return nnx.merge(graphdef, params), meta, step
 
 

@@ -85,7 +85,7 @@ def run_export(args) -> int:
 
     try:
         out = export_hf(args.checkpoint, args.out, step=args.step)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # ValueError: checkpoint.CheckpointError (a corrupt step)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

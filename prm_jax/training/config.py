@@ -11,6 +11,7 @@ YAML layout (every key optional; unknown keys are errors):
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
@@ -19,6 +20,20 @@ import yaml
 
 from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT
 from prm_jax.errors import InputError
+
+# Checked when a config is built, so a bad value fails before any work (not after an hour of training,
+# nor silently: lr=-1 would train uphill, steps=0 would "complete" and export an untrained model).
+DTYPES = ("float32", "bfloat16", "float16")
+PRESET_NAMES = ("tiny", "small", "qwen2_5_1_5b", "qwen2_5_math_7b")  # trainer.PRESETS
+
+
+def _check(cfg: Any, key: str, ok: bool, expected: str) -> None:
+    if not ok:
+        raise InputError(f"{key}: expected {expected}, got {getattr(cfg, key)!r}")
+
+
+def _one_of(cfg: Any, key: str, choices: tuple[str, ...]) -> None:
+    _check(cfg, key, getattr(cfg, key) in choices, f"one of {', '.join(choices)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +47,14 @@ class ModelConfig:
     remat_saves: str = "nothing"  # under remat: "nothing" (layer inputs only) or "matmuls" (recompute elementwise only)
     attention_impl: str = "auto"  # cuDNN flash attention on NVIDIA GPUs in bf16/fp16, else XLA's; or "xla" | "cudnn"
 
+    def __post_init__(self):
+        if self.preset is not None:
+            _one_of(self, "preset", PRESET_NAMES)
+        _one_of(self, "dtype", DTYPES)
+        _one_of(self, "param_dtype", DTYPES)
+        _one_of(self, "remat_saves", ("nothing", "matmuls"))
+        _one_of(self, "attention_impl", ("auto", "xla", "cudnn"))
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -42,6 +65,12 @@ class DataConfig:
     group_by_length: int = 0  # W > 0: batch rows of similar length within each window of W batches (less padding)
     step_token: str = DEFAULT_STEP_TOKEN
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+
+    def __post_init__(self):
+        _check(self, "max_length", self.max_length >= 1, ">= 1")
+        _check(self, "batch_size", self.batch_size >= 1, ">= 1")
+        _check(self, "buckets", all(b >= 1 for b in self.buckets), "lengths >= 1")
+        _check(self, "group_by_length", self.group_by_length >= 0, ">= 0 (0 = off)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +86,19 @@ class OptimConfig:
     accum_steps: int = 1  # gradient accumulation micro-batches per step
     class_balance: bool = False  # PRM objectives: weight wrong/right steps by inverse frequency in the train file
 
+    def __post_init__(self):
+        finite = math.isfinite
+        _check(self, "lr", finite(self.lr) and self.lr > 0, "> 0")
+        _check(self, "warmup_steps", self.warmup_steps >= 0, ">= 0")
+        _check(self, "min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "within [0, 1]")
+        _check(self, "weight_decay", finite(self.weight_decay) and self.weight_decay >= 0, ">= 0")
+        _check(self, "b1", 0 <= self.b1 < 1, "within [0, 1)")
+        _check(self, "b2", 0 <= self.b2 < 1, "within [0, 1)")
+        _check(self, "eps", finite(self.eps) and self.eps > 0, "> 0")
+        _check(self, "clip_norm", self.clip_norm is None or (finite(self.clip_norm) and self.clip_norm >= 0),
+               ">= 0 (0 or null = no clipping)")
+        _check(self, "accum_steps", self.accum_steps >= 1, ">= 1")
+
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
@@ -71,6 +113,16 @@ class RunConfig:
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None = from the device kind
     export_hf: bool = True  # write OUT/hf at the end
 
+    def __post_init__(self):
+        _check(self, "steps", self.steps >= 1, ">= 1")
+        _check(self, "seed", self.seed >= 0, ">= 0")
+        _check(self, "log_every", self.log_every >= 1, ">= 1")
+        _check(self, "eval_every", self.eval_every >= 0, ">= 0 (0 = only at the end)")
+        _check(self, "eval_batch_size", self.eval_batch_size >= 0, ">= 0 (0 = the micro-batch size)")
+        _check(self, "save_every", self.save_every >= 0, ">= 0 (0 = only at the end)")
+        _check(self, "keep", self.keep >= 1, ">= 1")
+        _check(self, "peak_flops", self.peak_flops is None or self.peak_flops > 0, "> 0 or null")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -78,6 +130,11 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        if self.optim.warmup_steps > self.run.steps:
+            raise InputError(f"optim.warmup_steps: expected <= run.steps ({self.run.steps}), "
+                             f"got {self.optim.warmup_steps}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -144,7 +201,10 @@ def _section(cls, values: dict[str, Any], where: str):
         if k not in hints:
             raise InputError(f"{where}: unknown key {k!r}; expected one of {', '.join(hints)}")
         kw[k] = coerce(v, hints[k], f"{where}.{k}")
-    return cls(**kw)
+    try:
+        return cls(**kw)
+    except ValueError as e:  # a range check in __post_init__: name the source and section too
+        raise InputError(f"{where}.{e}") from None
 
 
 def from_dict(d: dict[str, Any] | None, source: str = "config") -> TrainConfig:
@@ -154,8 +214,11 @@ def from_dict(d: dict[str, Any] | None, source: str = "config") -> TrainConfig:
     for k in d:
         if k not in _SECTION_CLASSES:
             raise InputError(f"{source}: unknown section {k!r}; expected one of {', '.join(_SECTION_CLASSES)}")
-    return TrainConfig(**{name: _section(cls, d.get(name) or {}, f"{source}:{name}")
-                          for name, cls in _SECTION_CLASSES.items()})
+    sections = {name: _section(cls, d.get(name) or {}, f"{source}:{name}") for name, cls in _SECTION_CLASSES.items()}
+    try:
+        return TrainConfig(**sections)
+    except ValueError as e:
+        raise InputError(f"{source}:{e}") from None
 
 
 def load_config(path: str | None) -> TrainConfig:

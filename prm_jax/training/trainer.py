@@ -336,7 +336,8 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
         raise ValueError(f"objective {objective!r}: expected one of {', '.join(LOSSES)}")
     cfg, run, dcfg = config, config.run, config.data
     arch = arch_for(objective)
-    os.makedirs(out_dir, exist_ok=True)
+    if not _has_steps(os.path.join(out_dir, "checkpoints")):  # a fresh run reads them; a resumed one does not
+        check_model_dirs(init_dir, cfg.model.tokenizer)
     primary = jax.process_index() == 0  # the one process that writes metrics, summary and tokenizer
     mesh = pmesh.make_mesh(run.mesh, devices=mesh_devices(run.mesh, devices))
     n_devices = mesh.devices.size
@@ -347,20 +348,21 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
                          f"whose size divides over data*fsdp={ways} devices")
     micro = dcfg.batch_size // accum
 
+    os.makedirs(out_dir, exist_ok=True)  # only after the checks above, so a bad command leaves no half-made OUT
     ckpt = ck.Checkpointer(os.path.join(out_dir, "checkpoints"), keep=run.keep)
-    latest = ckpt.latest_step()
+    # Resume from the newest step whose meta reads (a corrupt newer one is skipped, and said so); the
+    # arrays are restored further down, falling back further if they do not restore either.
+    latest, meta = ck.restore_newest(ckpt, ckpt.read_meta) if ckpt.all_steps() else (None, None)
     tok_dir = os.path.join(out_dir, "tokenizer")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
 
     # -- model, tokenizer -------------------------------------------------------------------
     if latest is not None:
-        meta = ckpt.read_meta(latest)
         if meta.get("objective") != objective:
             raise ValueError(f"{out_dir} holds a run with objective {meta.get('objective')!r}, not {objective!r}; "
                              "use a new --out directory")
         model_cfg = Qwen2Config(**meta["model_config"])
         tokenizer = _load_tokenizer(tok_dir)
-        source = f"resumed from step {latest}"
         params = None
     else:
         tokenizer = _load_tokenizer(cfg.model.tokenizer or init_dir) if (cfg.model.tokenizer or init_dir) else None
@@ -419,8 +421,13 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
     abs_params = nnx.to_pure_dict(abs_state)
     opt_sh, abs_opt = opt_state_shardings(tx, abs_params, param_sh, mesh)
     if latest is not None:
-        params, opt_state, data_state, _ = ckpt.restore(latest, ck.abstract_like(abs_params, param_sh),
-                                                        ck.abstract_like(abs_opt, opt_sh))
+        abs_p, abs_o = ck.abstract_like(abs_params, param_sh), ck.abstract_like(abs_opt, opt_sh)
+        latest, (params, opt_state, data_state, _) = ck.restore_newest(
+            ckpt, lambda s: ckpt.restore(s, abs_p, abs_o), [s for s in ckpt.all_steps() if s <= latest])
+        source = f"resumed from step {latest}"
+        newer = [s for s in ckpt.all_steps() if s > latest]
+        for path in ckpt.set_aside(newer):  # out of the way of this run's own saves of those steps
+            log.warning("moved the checkpoint that does not restore to %s", path)
         data_iter.set_state(data_state)
         start = latest
         if primary:
@@ -525,8 +532,11 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
                 cb(step)
             if multi_host and ckpt.manager.reached_preemption(step):
                 stop["signal"] = signal.SIGTERM
-            must_log = step % run.log_every == 0 or step == run.steps or stop["signal"]
-            must_save = (run.save_every and step % run.save_every == 0) or step == run.steps or stop["signal"]
+            # Read the flag once: a signal landing later in this step (during a periodic save, a log
+            # row, an eval) is acted on at the next step, never half-seen (logged as saved, not saved).
+            stopping = stop["signal"] is not None
+            must_log = step % run.log_every == 0 or step == run.steps or stopping
+            must_save = (run.save_every and step % run.save_every == 0) or step == run.steps or stopping
             if must_log or must_save:
                 check(pending)
                 pending = None
@@ -537,13 +547,15 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
                 window = _Window()
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_row['loss']:.4f}", acc=f"{last_row['step_accuracy']:.3f}")
-            if must_save:
+            if stopping:  # on disk before we say so and exit
+                ckpt.save_now(step, params, opt_state, data_state, meta)
+            elif must_save:
                 save(step, data_state)
             if eval_set is not None and run.eval_every and step % run.eval_every == 0 and step != run.steps:
                 last_eval = eval_row(step)
             if bar is not None:
                 bar.update(1)
-            if stop["signal"]:
+            if stopping:
                 status = "preempted"
                 log.warning("SIGTERM: saved step %d to %s; rerun the same command to resume", step, ckpt.directory)
                 break
@@ -579,6 +591,21 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
         with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def _has_steps(checkpoints_dir: str) -> bool:
+    return os.path.isdir(checkpoints_dir) and any(n.isdigit() for n in os.listdir(checkpoints_dir))
+
+
+def check_model_dirs(init_dir: str | None, tokenizer_dir: str | None) -> None:
+    """A fresh run's --init and tokenizer must be local directories (the Hugging Face hub's own error
+    for a missing path is about repo ids); checked before OUT is created."""
+    if init_dir is not None and not os.path.isfile(os.path.join(init_dir, "config.json")):
+        why = "no config.json in it" if os.path.isdir(init_dir) else "no such directory"
+        raise FileNotFoundError(f"--init {init_dir}: {why}; expected a local Hugging Face model directory")
+    if tokenizer_dir is not None and not os.path.isdir(tokenizer_dir):
+        raise FileNotFoundError(f"tokenizer {tokenizer_dir}: no such directory; expected a local tokenizer directory "
+                                "(--tokenizer, model.tokenizer)")
 
 
 def threading_is_main() -> bool:
