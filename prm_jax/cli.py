@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "prm_jax.training.commands",
     "prm_jax.evaluation.commands",
     "prm_jax.search.commands",
+    "prm_jax.serving.commands",
 )
 
 
