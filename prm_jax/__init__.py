@@ -15,6 +15,7 @@ _API = {
     "Qwen2Config": "prm_jax.models.qwen2",
     "Qwen2ForCausalLM": "prm_jax.models.qwen2",
     "Qwen2PRM": "prm_jax.models.prm",
+    "search": "prm_jax.search",
 }
 
 __all__ = sorted(_API)

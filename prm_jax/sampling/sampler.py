@@ -107,6 +107,7 @@ class _Static:
     strategy: Strategy | None = None
     new_len: int = 0
     logprobs: bool = False
+    stop_string: bool = False  # rows also stop when their new text completes a stop string
 
 
 def _cache_sharding(mesh: Mesh | None, shape) -> NamedSharding | None:
@@ -141,9 +142,10 @@ _prefill = jax.jit(_prefill_impl, static_argnames=("graphdef", "st"))
 
 
 def _decode_impl(graphdef, params, cache, logits0, lens, key_ids, sample_ids, done0, base_key, max_new,
-                 temperature, top_p, stop_ids, *, st: _Static):
+                 temperature, top_p, stop_ids, stop_table, *, st: _Static):
     """Decode up to max_new tokens for R rows. Iteration t picks token t from the current logits
     (logits0 from the prefill for t = 0), then feeds it at position lens + t for the next logits.
+    stop_table [D, V] (with st.stop_string): stop-string matcher, see stop_string_table.
     Returns tokens [R, new_len] (-1 after a row is done), their log-probs [R, new_len], the cache."""
     _note_compile("decode", f"rows={lens.shape[0]} cache={st.cache_len} new={st.new_len} "
                             f"strategy={st.strategy} logprobs={st.logprobs}")
@@ -151,7 +153,7 @@ def _decode_impl(graphdef, params, cache, logits0, lens, key_ids, sample_ids, do
     r = lens.shape[0]
     row_keys = jax.vmap(lambda a, b: jax.random.fold_in(jax.random.fold_in(base_key, a), b))(key_ids, sample_ids)
 
-    def pick(logits, t, done):
+    def pick(logits, t, done, matched):
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)
         tok = choose(logits, step_keys, temperature, top_p, st.strategy)
         if st.logprobs:
@@ -159,18 +161,21 @@ def _decode_impl(graphdef, params, cache, logits0, lens, key_ids, sample_ids, do
         else:
             lp = jnp.zeros((r,), jnp.float32)
         stopped = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-        return jnp.where(done, -1, tok), lp, done | stopped
+        if st.stop_string:  # matched = length of the stop string's prefix the new text ends with
+            matched = stop_table[matched, tok]
+            stopped |= matched >= stop_table.shape[0]
+        return jnp.where(done, -1, tok), lp, done | stopped, matched
 
     def write(buf, col, t):
         return jax.lax.dynamic_update_slice(buf, col[:, None], (0, t))
 
     def cond(c):
-        t, _, _, done, _, _ = c
+        t, _, _, done, _, _, _ = c
         return (t < max_new) & ~jnp.all(done)
 
     def body(c):
-        t, cache, logits, done, out_tok, out_lp = c
-        tok, lp, done = pick(logits, t, done)
+        t, cache, logits, done, out_tok, out_lp, matched = c
+        tok, lp, done, matched = pick(logits, t, done, matched)
 
         def forward(cache):  # feed token t at position lens + t -> logits of token t + 1
             hidden, cache = model.forward_cached(jnp.maximum(tok, 0)[:, None], (lens + t)[:, None], cache)
@@ -178,11 +183,12 @@ def _decode_impl(graphdef, params, cache, logits0, lens, key_ids, sample_ids, do
 
         # skip the forward pass after the last token
         logits, cache = jax.lax.cond((t + 1 < max_new) & ~jnp.all(done), forward, lambda c: (logits, c), cache)
-        return t + 1, cache, logits, done, write(out_tok, tok, t), write(out_lp, lp, t)
+        return t + 1, cache, logits, done, write(out_tok, tok, t), write(out_lp, lp, t), matched
 
     out_tok = jnp.full((r, st.new_len), -1, jnp.int32)
     out_lp = jnp.zeros((r, st.new_len), jnp.float32)
-    _, cache, _, _, out_tok, out_lp = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, logits0, done0, out_tok, out_lp))
+    init = (jnp.int32(0), cache, logits0, done0, out_tok, out_lp, jnp.zeros((r,), jnp.int32))
+    _, cache, _, _, out_tok, out_lp, _ = jax.lax.while_loop(cond, body, init)
     # The cache is returned (and dropped by the caller) so that XLA can alias it to the donated
     # input and update it in place instead of copying it into the loop.
     return out_tok, out_lp, cache
@@ -246,7 +252,7 @@ def _strategy(temperature: float, top_p: float, top_k: int, vocab: int) -> Strat
 
 def _run(model, sources: list[list[int]], rows: list[_Row], max_new_tokens: int, strategy: Strategy,
          temperature: float, top_p: float, seed: int, stop_ids, mesh, return_logprobs: bool,
-         max_batch: int) -> tuple[list[list[int]], list[list[float]]]:
+         max_batch: int, stop_table: np.ndarray | None = None) -> tuple[list[list[int]], list[list[float]]]:
     """Sample every row (grouped by source, longest first) in batches of <= max_batch rows."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -269,6 +275,9 @@ def _run(model, sources: list[list[int]], rows: list[_Row], max_new_tokens: int,
     scalars = [rep(np.asarray(x, dt)) for x, dt in
                ((max_new_tokens, np.int32), (max(temperature, 1e-6), np.float32), (top_p, np.float32))]
     stop_dev, base_key = rep(stop_arr), rep(base_key)
+    if stop_table is not None and (stop_table.ndim != 2 or stop_table.shape[1] != vocab):
+        raise ValueError(f"stop_table must be [len(stop string), vocab={vocab}], got {stop_table.shape}")
+    table_dev = rep(np.zeros((1, 1), np.int32) if stop_table is None else np.asarray(stop_table, np.int32))
 
     order = sorted(rows, key=lambda rw: (-len(sources[rw.source]), rw.source, rw.out))
     chunks = [order[start:start + max_batch] for start in range(0, len(order), max_batch)]
@@ -294,9 +303,10 @@ def _run(model, sources: list[list[int]], rows: list[_Row], max_new_tokens: int,
                 src_pos[rw.source], rw.length, rw.key_id, rw.sample_id, False)
         st = _Static(cache_len=t + new_len, mesh=mesh)
         cache, logits0 = _prefill(graphdef, params, put(ids), put(row_src), put(lens), st=st)
-        st = dataclasses.replace(st, strategy=strategy, new_len=new_len, logprobs=return_logprobs)
+        st = dataclasses.replace(st, strategy=strategy, new_len=new_len, logprobs=return_logprobs,
+                                 stop_string=stop_table is not None)
         toks, lps, _ = _decode(graphdef, params, cache, logits0, put(lens), put(key_ids), put(sample_ids),
-                            put(done), base_key, *scalars[:1], *scalars[1:], stop_dev, st=st)
+                            put(done), base_key, *scalars[:1], *scalars[1:], stop_dev, table_dev, st=st)
         toks, lps = np.asarray(jax.device_get(toks)), np.asarray(jax.device_get(lps))
         for i, rw in enumerate(chunk):
             row = toks[i, :max_new_tokens]
@@ -327,6 +337,36 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     return (toks, lps) if return_logprobs else toks
 
 
+def stop_string_table(token_texts: Sequence[str], stop: str) -> np.ndarray:
+    """The matcher of a stop string over token ids, for generate_from_prefixes(stop_table=...):
+    table[k, v] = how much of `stop` the text ends with after token v's text (token_texts[v]) is
+    appended to text ending with stop[:k] (a KMP automaton); len(stop) = the string is complete."""
+    d = len(stop)
+    if d == 0:
+        raise ValueError("the stop string must not be empty")
+    fail = [0] * (d + 1)  # fail[k]: longest proper border of stop[:k]
+    for k in range(2, d + 1):
+        b = fail[k - 1]
+        while b and stop[b] != stop[k - 1]:
+            b = fail[b]
+        fail[k] = b + (stop[b] == stop[k - 1])
+    chars = set(stop)
+    table = np.zeros((d, len(token_texts)), np.int32)
+    for v, text in enumerate(token_texts):
+        if chars.isdisjoint(text):
+            continue  # every state falls back to 0
+        for k0 in range(d):
+            k = k0
+            for ch in text:
+                while k and stop[k] != ch:
+                    k = fail[k]
+                k += stop[k] == ch
+                if k == d:
+                    break
+            table[k0, v] = k
+    return table
+
+
 def share_sources(prefixes: list[list[int]]) -> tuple[list[list[int]], list[int]]:
     """Group prefixes so that each is served by a longest sequence that starts with it.
     Returns (sources, source index per prefix). Uses lexicographic order: if a is a prefix of some
@@ -346,23 +386,29 @@ def share_sources(prefixes: list[list[int]]) -> tuple[list[list[int]], list[int]
     return sources, owner
 
 
-def generate_from_prefixes(model, prefixes: Sequence[Sequence[int]], n: int, max_new_tokens: int,
+def generate_from_prefixes(model, prefixes: Sequence[Sequence[int]], n: int | Sequence[int], max_new_tokens: int,
                            temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
                            stop_ids: Sequence[int] | None = None, mesh: Mesh | None = None,
                            return_logprobs: bool = False, *, key_ids: Sequence[int] | None = None,
-                           max_batch: int = DEFAULT_MAX_BATCH):
+                           max_batch: int = DEFAULT_MAX_BATCH, stop_table: np.ndarray | None = None):
     """n continuations of every prefix, prefilling each distinct prefix once (a prefix contained in
     a longer one of the same call — e.g. problem + steps[:i] inside problem + steps[:i+1] — is not
     prefilled at all). Returns a list (per prefix) of n token lists (or (ids, logprobs) likewise).
     Sample j of prefix i uses key_id = key_ids[i] (default i) and sample_id = j: the same tokens
-    generate() returns for that prompt with those ids. Other arguments as in generate()."""
+    generate() returns for that prompt with those ids. `n` may also be a list, one count per prefix
+    (search expands its kept beams unevenly). stop_table (from stop_string_table): a row also ends
+    once its new tokens' text contains that stop string, which may span tokens ("\\n" + "\\n").
+    Other arguments as in generate()."""
     prefixes = _check_tokens(prefixes, "prefixes", model.cfg.vocab_size)
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    counts = [n] * len(prefixes) if isinstance(n, int) else [int(c) for c in n]
+    if len(counts) != len(prefixes) or any(c < 1 for c in counts):
+        raise ValueError(f"n must be >= 1 (an int, or one count per prefix), got {n}")
+    starts = np.cumsum([0] + counts).tolist()
     key_ids = _check_ids(key_ids, len(prefixes), "key_ids", range(len(prefixes)))
     sources, owner = share_sources(prefixes)
-    rows = [_Row(i * n + j, owner[i], len(p), key_ids[i], j) for i, p in enumerate(prefixes) for j in range(n)]
+    rows = [_Row(starts[i] + j, owner[i], len(p), key_ids[i], j) for i, p in enumerate(prefixes)
+            for j in range(counts[i])]
     toks, lps = _run(model, sources, rows, max_new_tokens, _strategy(temperature, top_p, top_k, model.cfg.vocab_size),
-                     temperature, top_p, seed, stop_ids, mesh, return_logprobs, max_batch)
-    group = lambda xs: [xs[i * n:(i + 1) * n] for i in range(len(prefixes))]  # noqa: E731
+                     temperature, top_p, seed, stop_ids, mesh, return_logprobs, max_batch, stop_table)
+    group = lambda xs: [xs[starts[i]:starts[i + 1]] for i in range(len(prefixes))]  # noqa: E731
     return (group(toks), group(lps)) if return_logprobs else group(toks)
