@@ -113,6 +113,7 @@ class StepReward:
 def process_reward(prm, tokenizer, agg: str = "min", *, step_split: str = "blank-line",
                    problem_key: str | None = None, empty_reward: float = 0.0, mesh=None,
                    batch_size: int = 32, max_length: int = 4096, tokens_per_batch: int | None = None,
+                   buckets: Sequence[int] | None = None,
                    step_token: str | int = DEFAULT_STEP_TOKEN,
                    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> Callable[..., list[float]]:
     """A Tunix GRPO reward function: `fn(prompts, completions, **kwargs) -> list[float]`, one
@@ -123,7 +124,7 @@ def process_reward(prm, tokenizer, agg: str = "min", *, step_split: str = "blank
     since Tunix passes the batch's other fields as keyword arguments) and scored in one batched
     call on `mesh` (the caller's; None = unsharded)."""
     scorer = PRMScorer(prm, tokenizer, step_token=step_token, batch_size=batch_size, max_length=max_length,
-                       mesh=mesh, system_prompt=system_prompt, tokens_per_batch=tokens_per_batch)
+                       mesh=mesh, system_prompt=system_prompt, tokens_per_batch=tokens_per_batch, buckets=buckets)
     rewarder = StepReward(scorer, agg, step_split, empty_reward)
 
     def prm_process_reward(prompts: Sequence[str], completions: Sequence[str], **kwargs) -> list[float]:
