@@ -8,7 +8,7 @@ ratio. Each repeat judges a fresh set (fresh output and reply cache), so nothing
 
     python experiments/bench_judge.py                       # 50 ms, 1% faults, concurrency 64
     python experiments/bench_judge.py --api sglang --records 3000
-    python experiments/bench_judge.py --transport httpx     # the same through httpx, for comparison
+    python experiments/bench_judge.py --latency 2 --concurrency 256 --records 2048   # a real judge's latency
 """
 from __future__ import annotations
 
@@ -51,10 +51,10 @@ async def one_run(args, url: str, rep: int, tokenizer) -> tuple[float, dict]:
     retry = RetryPolicy(max_retries=8, base_delay=0.05, max_delay=1.0)
     if args.api == "openai":
         client = OpenAIClient(url, "bench-judge", sampling, concurrency=args.concurrency, timeout=30, retry=retry,
-                              seed=rep, transport=args.transport)
+                              seed=rep)
     else:
         client = SGLangClient(url, "bench-judge", sampling, tokenizer=tokenizer, concurrency=args.concurrency,
-                              timeout=30, retry=retry, seed=rep, transport=args.transport)
+                              timeout=30, retry=retry, seed=rep)
     sols = solutions(args.records, rep)
     with tempfile.TemporaryDirectory() as d:
         async with client:
@@ -77,7 +77,6 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--records", type=int, default=5000)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--transport", choices=("lean", "httpx"), default="lean", help="HTTP client of the judge")
     p.add_argument("--uvloop", action="store_true", help="run the client on uvloop (if installed)")
     args = p.parse_args()
 
@@ -105,7 +104,7 @@ def main() -> int:
         proc.wait(timeout=10)
     ideal = args.concurrency / args.latency
     med = statistics.median(rates)
-    print(f"judge bench: api={args.api} transport={args.transport}{' uvloop' if args.uvloop else ''} "
+    print(f"judge bench: api={args.api}{' uvloop' if args.uvloop else ''} "
           f"concurrency={args.concurrency} latency={args.latency * 1000:.0f} ms "
           f"faults={args.fault_rate:.0%} records={args.records} repeats={args.repeats}")
     print(f"measured (median): {med:.1f} judged records/s")

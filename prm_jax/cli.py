@@ -10,6 +10,7 @@ import sys
 import traceback
 
 from prm_jax.errors import InputError, RunError
+from prm_jax.hugepages import hugepage_malloc_env
 
 # Modules that define subcommands, in pipeline order.
 COMMAND_MODULES = (
@@ -64,29 +65,9 @@ def error_message(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
-def hugepage_malloc_env(environ: dict[str, str], libc: tuple[str, str]) -> dict[str, str] | None:
-    """The environment to restart with so that glibc backs large allocations with transparent huge
-    pages, or None when there is nothing to do (not glibc, already asked for, or turned off with
-    PRM_JAX_HUGEPAGES=0).
-
-    Why: XLA:CPU allocates a compiled step's temporaries afresh on every run, and glibc serves the
-    large ones with newly mapped 4 KiB pages, so every step page-faults its whole working set again:
-    ~600k faults and 1.5 s of kernel time per step of the benchmark PRM (8x512 tokens), against
-    ~4k faults and 0.4-0.8 s with huge pages, and 7-10% less wall time timing that step alone.
-    Glibc reads the tunable only at process start, hence the restart."""
-    if libc[0] != "glibc" or environ.get("PRM_JAX_HUGEPAGES") == "0" or "malloc.hugetlb" in environ.get(
-            "GLIBC_TUNABLES", ""):
-        return None
-    tunables = ":".join(t for t in (environ.get("GLIBC_TUNABLES"), HUGEPAGE_TUNABLE) if t)
-    return {**environ, "GLIBC_TUNABLES": tunables, "PRM_JAX_HUGEPAGES": "0"}
-
-
 def entry() -> int:
     """The `prm-jax` console script and `python -m prm_jax.cli`: `main` in a process whose large
-    allocations use huge pages (see hugepage_malloc_env)."""
+    allocations use huge pages (see prm_jax.hugepages)."""
     env = hugepage_malloc_env(dict(os.environ), platform.libc_ver())
     if env is not None:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)  # same options and arguments

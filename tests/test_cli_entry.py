@@ -1,12 +1,12 @@
 """The console entry restarts itself once with glibc's huge-page tunable (see
-prm_jax.cli.hugepage_malloc_env) and then runs the command line it was given."""
+prm_jax.hugepages.hugepage_malloc_env) and then runs the command line it was given."""
 import os
 import subprocess
 import sys
 
 import pytest
 
-from prm_jax.cli import HUGEPAGE_TUNABLE, hugepage_malloc_env
+from prm_jax.hugepages import HUGEPAGE_TUNABLE, hugepage_malloc_env
 
 GLIBC = ("glibc", "2.36")
 

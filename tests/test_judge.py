@@ -261,15 +261,14 @@ async def judge_with(client, sols, out, **kw):
                                      model="judge-m", progress=False, **kw)
 
 
-@pytest.mark.parametrize("transport", ["lean", "httpx"])
-def test_openai_faults_every_record_judged_or_failed(tmp_path, transport):
+def test_openai_faults_every_record_judged_or_failed(tmp_path):
     sols, truth = make_solutions(20)
     plan = {"<case-1>": ["500", "500"], "<case-2>": ["429"], "<case-3>": ["truncated"], "<case-4>": ["disconnect"],
             "<case-5>": ["badshape"], "<case-6>": ["garbage"], "<case-7>": ["500"] * 4,
             "<case-8>": ["chunked"], "<case-9>": ["close"], "<case-10>": ["close"]}  # the last two are no faults
     out = tmp_path / "out.jsonl"
     with JudgeFixture(fault_plan=plan) as fx:
-        client = OpenAIClient(fx.url, "judge-m", SamplingParams(), concurrency=4, retry=FAST, transport=transport)
+        client = OpenAIClient(fx.url, "judge-m", SamplingParams(), concurrency=4, retry=FAST)
         s = run(judge_with(client, sols, out))
         recs = read_out(out)
         ids = [r["id"] for r in recs]
@@ -282,18 +281,17 @@ def test_openai_faults_every_record_judged_or_failed(tmp_path, transport):
                 assert r["judge"]["first_error"] == truth[r["id"]]
         failed = read_out(f"{out}.failed.jsonl")
         assert [f["id"] for f in failed] == [7] and "gave up after 4 attempts" in failed[0]["error"]
-        # 2 + 1 + 1 + 1 + 1 retried faults, and record 7 retried 3 times before giving up. httpx may also
-        # reuse a connection the server has just closed ("close" cases) and count that as a retry;
-        # the lean client reconnects without one.
+        # 2 + 1 + 1 + 1 + 1 retried faults, and record 7 retried 3 times before giving up. The pool may
+        # also reuse a connection the server has just closed ("close" cases) and count that as a retry.
         stale = client.counters.errors.get("connection", 0) - 1
-        assert stale == 0 if transport == "lean" else 0 <= stale <= 2
+        assert 0 <= stale <= 2
         assert (s.judged, s.failed, s.unparsed) == (19, 1, 1)
         assert (client.counters.retries, client.counters.failures) == (9 + stale, 1)
         assert client.counters.errors == {"http_500": 6, "http_429": 1, "malformed": 2, "connection": 1 + stale}
         assert s.requests == 20 + 9 + stale and fx.counts["requests"] == 29
 
         # The fault is gone: a rerun asks only for the failed record and clears the failed list.
-        client = OpenAIClient(fx.url, "judge-m", SamplingParams(), concurrency=4, retry=FAST, transport=transport)
+        client = OpenAIClient(fx.url, "judge-m", SamplingParams(), concurrency=4, retry=FAST)
         s2 = run(judge_with(client, sols, out))
         assert (s2.resumed, s2.judged, s2.requests) == (19, 1, 1)
         assert sorted(r["id"] for r in read_out(out)) == list(range(20))

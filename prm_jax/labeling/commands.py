@@ -36,9 +36,6 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (openai)")
-    p.add_argument("--transport", choices=("auto", "lean", "httpx"), default="auto",
-                   help="HTTP client: lean keep-alive connections (http://) or httpx (needed for https://); "
-                        "auto picks by the URL")
     p.add_argument("--cache", help="reply cache (default: OUT.cache.jsonl)")
     p.add_argument("--failed", help="list of records that got no reply (default: OUT.failed.jsonl)")
     p.add_argument("--no-progress", action="store_true")
@@ -88,7 +85,7 @@ def _make_client(args):
     if not args.endpoint:
         raise InputError(f"--api {args.api} needs --endpoint URL")
     common = dict(concurrency=args.concurrency, timeout=args.timeout, max_rps=args.max_rps,
-                  retry=jc.RetryPolicy(max_retries=args.max_retries), seed=args.seed, transport=args.transport)
+                  retry=jc.RetryPolicy(max_retries=args.max_retries), seed=args.seed)
     if args.api == "openai":
         if not args.model:
             raise InputError("--api openai needs --model (the served model's name)")

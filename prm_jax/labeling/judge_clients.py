@@ -8,12 +8,10 @@
 - `LocalClient`: no server; the prompt runs through prm_jax's own JAX sampler on a local HF chat
   model (the TPU path).
 
-Every HTTP request holds one of `concurrency` connections, has a timeout, and is retried with
-exponential backoff and jitter on connection errors, timeouts, 5xx, 408, 429 (Retry-After is
-honoured) and malformed bodies; other 4xx fail at once. An optional rate cap spaces request starts.
-Plain http:// endpoints use a small keep-alive HTTP/1.1 client on asyncio streams (httpx costs
-about a millisecond of CPU per request, more than a judge server's latency budget allows at
-hundreds of requests per second); https:// goes through httpx.
+Requests go through one aiohttp session with a pool of `concurrency` keep-alive connections
+(http:// or https://). Each has a timeout and is retried with exponential backoff and jitter on
+connection errors, timeouts, 5xx, 408, 429 (Retry-After is honoured) and malformed bodies; other
+4xx fail at once. An optional rate cap spaces request starts.
 
 Serving a judge with SGLang (GPU host, `pip install prm_jax[sglang]`):
 
@@ -24,7 +22,6 @@ Serving a judge with SGLang (GPU host, `pip install prm_jax[sglang]`):
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
 import email.utils
 import json
@@ -34,7 +31,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import httpx
+import aiohttp
 
 from prm_jax.errors import RunError
 
@@ -156,158 +153,47 @@ class HTTPResponse:
         return json.loads(self.content)
 
 
-class HttpxLane:
-    """One connection through httpx (any URL, TLS, proxies from the environment)."""
-
-    def __init__(self, base: str, headers: dict[str, str], timeout: float, verify):
-        self.base = base
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(timeout), headers=headers, verify=verify,
-                                      limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
-
-    async def request(self, method: str, path: str, body: bytes | None = None) -> HTTPResponse:
-        try:
-            resp = await self.http.request(method, self.base + path, content=body,
-                                           headers={"Content-Type": "application/json"} if body is not None else None)
-        except httpx.TimeoutException as e:
-            raise RetryableError("timeout", f"{path}: timed out ({type(e).__name__})") from None
-        except httpx.TransportError as e:
-            raise RetryableError("connection", f"{path}: {type(e).__name__}: {e}") from None
-        return HTTPResponse(resp.status_code, {k.lower(): v for k, v in resp.headers.items()}, resp.content)
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
-
-
-class KeepAliveLane:
-    """One plain-HTTP/1.1 keep-alive connection on asyncio streams.
-
-    httpx spends about a millisecond of CPU per request, which caps one process at a few hundred
-    requests per second; this lane does the little a JSON API needs (Content-Length or chunked
-    bodies, keep-alive, reconnect) at a fraction of that. Plain http:// only."""
-
-    def __init__(self, base: str, headers: dict[str, str], timeout: float):
-        url = httpx.URL(base)
-        if url.scheme != "http":
-            raise ValueError(f"KeepAliveLane speaks plain http only, got {base!r}")
-        self.host, self.port = url.host, url.port or 80
-        self.prefix = url.path.rstrip("/")
-        self.timeout = timeout
-        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        self.head = f"Host: {self.host}:{self.port}\r\nAccept: application/json\r\n{extra}"
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def request(self, method: str, path: str, body: bytes | None = None) -> HTTPResponse:
-        try:
-            async with asyncio.timeout(self.timeout):  # no extra task per request, unlike wait_for
-                return await self._request(method, path, body)
-        except TimeoutError:
-            self._drop()  # the reply may still arrive: this connection cannot be reused
-            raise RetryableError("timeout", f"{path}: timed out after {self.timeout} s") from None
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
-            self._drop()
-            raise RetryableError("connection", f"{path}: {type(e).__name__}: {e}") from None
-
-    async def _request(self, method: str, path: str, body: bytes | None) -> HTTPResponse:
-        data = f"{method} {self.prefix}{path} HTTP/1.1\r\n{self.head}".encode("latin-1")
-        if body is not None:
-            data += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
-        else:
-            data += b"\r\n"
-        for attempt in (0, 1):
-            reused = self.writer is not None
-            if not reused:
-                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-            try:
-                self.writer.write(data)
-                status_line = await self.reader.readline()
-            except (ConnectionResetError, BrokenPipeError):
-                if not reused or attempt:
-                    raise
-                status_line = b""
-            if not status_line and reused and attempt == 0:
-                self._drop()  # the server had closed this idle keep-alive connection: reconnect once
-                continue
-            break
-        parts = status_line.split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-            raise ValueError(f"bad status line {status_line[:80]!r}")
-        status = int(parts[1])
-        headers: dict[str, str] = {}
-        while True:
-            line = await self.reader.readline()
-            if line in (b"\r\n", b"\n"):
-                break
-            if not line:
-                raise asyncio.IncompleteReadError(b"", None)
-            k, _, v = line.decode("latin-1").partition(":")
-            headers[k.strip().lower()] = v.strip()
-        keep = headers.get("connection", "").lower() != "close" and not parts[0].startswith(b"HTTP/1.0")
-        if status in (204, 304) or 100 <= status < 200:
-            content = b""
-        elif "chunked" in headers.get("transfer-encoding", "").lower():
-            chunks = []
-            while True:
-                size = int((await self.reader.readline()).split(b";")[0].strip(), 16)
-                if size == 0:
-                    while (await self.reader.readline()) not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
-                    break
-                chunks.append(await self.reader.readexactly(size))
-                await self.reader.readexactly(2)
-            content = b"".join(chunks)
-        elif "content-length" in headers:
-            content = await self.reader.readexactly(int(headers["content-length"]))
-        else:
-            content, keep = await self.reader.read(), False  # body ends when the server closes
-        if not keep:
-            self._drop()
-        return HTTPResponse(status, headers, content)
-
-    def _drop(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
-
-    async def aclose(self) -> None:
-        self._drop()
-
-
 class HTTPClient:
-    """Shared HTTP machinery: one connection ("lane") per concurrency slot, rate cap, retries, counters.
-
-    A request takes a free lane from a queue, which also bounds the requests in flight (one shared
-    pool of `concurrency` connections would do the same, but httpcore scans its whole pool on every
-    state change, which costs more CPU than the requests themselves at a few hundred per second).
-    `transport`: "lean" (KeepAliveLane), "httpx", or "auto" = lean for http://, httpx for https://."""
+    """Shared HTTP machinery: one aiohttp session whose pool holds `concurrency` keep-alive
+    connections, a semaphore bounding the requests in flight, a rate cap, retries and counters."""
 
     def __init__(self, endpoint: str, model: str, sampling: SamplingParams, *, concurrency: int = 16,
                  timeout: float = 300.0, retry: RetryPolicy = RetryPolicy(), max_rps: float | None = None,
-                 api_key: str | None = None, seed: int = 0, transport: str = "auto"):
+                 api_key: str | None = None, seed: int = 0):
         self.endpoint = endpoint.rstrip("/")
         self.model = model
         self.sampling = sampling
         self.concurrency = concurrency
+        self.timeout = timeout
         self.retry = retry
         self.counters = Counters()
         self.limiter = RateLimiter(max_rps)
         self.rng = random.Random(seed)
         self.sleep = asyncio.sleep  # tests swap this to observe backoff delays
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        if transport == "auto":
-            transport = "lean" if self.endpoint.startswith("http://") else "httpx"
-        if transport == "lean":
-            make = lambda: KeepAliveLane(self.endpoint, headers, timeout)  # noqa: E731
-        elif transport == "httpx":
-            # TLS only for https, one context shared by all lanes (each would load the CA store again)
-            verify = _tls_context() if self.endpoint.startswith("https:") else False
-            make = lambda: HttpxLane(self.endpoint, headers, timeout, verify)  # noqa: E731
-        else:
-            raise ValueError(f"transport must be auto, lean or httpx, got {transport!r}")
-        self.transport = transport
-        self._lanes_all = [make() for _ in range(concurrency)]
-        self._lanes: asyncio.Queue | None = None
-        self._lane = contextvars.ContextVar("lane", default=self._lanes_all[0])
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._session: aiohttp.ClientSession | None = None  # made in the running event loop
+        self._slots: asyncio.Semaphore | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            tls = _tls_context() if self.endpoint.startswith("https:") else False
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.concurrency, ssl=tls),
+                timeout=aiohttp.ClientTimeout(total=self.timeout), headers=self.headers)
+            self._slots = asyncio.Semaphore(self.concurrency)
+        return self._session
+
+    async def request(self, method: str, path: str, body: bytes | None = None) -> HTTPResponse:
+        """One request; a timeout or a connection failure raises RetryableError."""
+        headers = {"Content-Type": "application/json"} if body is not None else None
+        try:
+            async with self._open().request(method, self.endpoint + path, data=body, headers=headers) as resp:
+                content = await resp.read()
+        except TimeoutError:
+            raise RetryableError("timeout", f"{path}: timed out after {self.timeout} s") from None
+        except aiohttp.ClientError as e:
+            raise RetryableError("connection", f"{path}: {type(e).__name__}: {e}") from None
+        return HTTPResponse(resp.status, {k.lower(): v for k, v in resp.headers.items()}, content)
 
     def sampling_dict(self) -> dict[str, Any]:
         return self.sampling.as_dict()
@@ -316,8 +202,9 @@ class HTTPClient:
         """Check the server before sending work (subclasses)."""
 
     async def aclose(self) -> None:
-        for lane in self._lanes_all:
-            await lane.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def __aenter__(self):
         try:
@@ -331,17 +218,9 @@ class HTTPClient:
         await self.aclose()
 
     async def complete(self, prompts: Sequence[Messages]) -> list[Reply]:
-        if self._lanes is None:  # created lazily: a Queue belongs to the running event loop
-            self._lanes = asyncio.Queue()
-            for lane in self._lanes_all:
-                self._lanes.put_nowait(lane)
-        lane = await self._lanes.get()
-        token = self._lane.set(lane)
-        try:
+        self._open()
+        async with self._slots:
             return await self._with_retries(prompts)
-        finally:
-            self._lane.reset(token)
-            self._lanes.put_nowait(lane)
 
     async def _with_retries(self, prompts: Sequence[Messages]) -> list[Reply]:
         last: RetryableError | None = None
@@ -368,7 +247,7 @@ class HTTPClient:
 
     async def _post(self, path: str, payload: dict[str, Any]) -> Any:
         """POST JSON and return the decoded body, mapping every failure to Retryable or fatal."""
-        resp = await self._lane.get().request("POST", path, json.dumps(payload).encode("utf-8"))
+        resp = await self.request("POST", path, json.dumps(payload).encode("utf-8"))
         status = resp.status
         if status == 429 or status == 408 or status >= 500:
             raise RetryableError(f"http_{status}", f"{path}: HTTP {status}",
@@ -382,7 +261,7 @@ class HTTPClient:
 
     async def _get(self, path: str) -> HTTPResponse:
         try:
-            return await self._lanes_all[0].request("GET", path)
+            return await self.request("GET", path)
         except RetryableError as e:
             raise JudgeRequestError(f"cannot reach {self.endpoint}{path}: {e}") from None
 
