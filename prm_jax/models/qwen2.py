@@ -307,6 +307,22 @@ def causal_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     return jnp.concatenate(outs, axis=1)
 
 
+def decode_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """`attention` for one query per row (a decode step against the KV cache; forward only):
+    q [B,1,H,D], k/v [B,K,S,D], mask [B,1,S]. The cache is the left operand of both matmuls
+    ([S,D] @ [D,G] for the scores, [D,S] @ [S,G] for the output), so each (row, kv head) is one
+    matmul with S rows rather than one with G (= 4 or so) rows: on XLA:CPU 3x faster at 64 rows x
+    768 positions (8.7 vs 23 ms a layer), close to the time it takes to read the cache once."""
+    b, _, h, d = q.shape
+    kv = k.shape[1]
+    qg = (q * _inv_sqrt(q)).reshape(b, kv, h // kv, d)  # head = kv head * G + g, as in _merge_heads
+    scores = jnp.einsum("bksd,bkgd->bksg", k, qg, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, 0][:, None, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=2)
+    out = jnp.einsum("bksd,bksg->bkdg", v, probs.astype(v.dtype))  # [B,K,D,G]
+    return out.transpose(0, 1, 3, 2).reshape(b, 1, h, d)
+
+
 def flash_attention(q: Array, k: Array, v: Array, mask: Array | None, implementation: str = "cudnn") -> Array:
     """Causal fused attention (cuDNN flash on NVIDIA GPUs: the fully masked upper tiles are skipped).
     q [B,T,H,D], k/v [B,T,K,D]. `mask` [B,T,S] holds only what causality does not (same segment, key
@@ -344,7 +360,8 @@ class Attention(nnx.Module):
         q, (k, v) = self.queries(x, positions), self.keys_values(x, positions)
         if cache is not None:
             k, v = cache = _write_cache(cache, k, v, positions[:, 0])
-            out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+            attend = decode_attention if q.shape[1] == 1 else attention
+            out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         elif self.cfg.flash:
             out = flash_attention(q, k, v, mask)
         else:  # no cache: full causal forward, k/v to the kv-head-major layout
