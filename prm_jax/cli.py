@@ -25,12 +25,12 @@ COMMAND_MODULES = (
 )
 
 
-def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prm-jax", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true",
                         help="show the Python traceback of an error (also: PRM_JAX_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in modules:
+    for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
 
@@ -41,10 +41,10 @@ def run(argv: list[str] | None = None) -> int:
     return int(args.func(args) or 0)
 
 
-def main(argv: list[str] | None = None, modules: tuple[str, ...] = COMMAND_MODULES) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. The project's errors, and OS errors on a named file, print as one line
     `prm-jax <command>: error: <message>` and exit 2 (bad input) or 1 (the run failed)."""
-    args = build_parser(modules).parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (InputError, RunError, OSError) as e:

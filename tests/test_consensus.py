@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from prm_jax.labeling import commands
+from prm_jax import cli
 from prm_jax.labeling.consensus import consensus_filter, format_report, load_labelled, relation, training_record
 from prm_jax.records import RecordError
 
@@ -91,7 +91,7 @@ def test_cli_filter_writes_records_report_and_table(tmp_path, capsys):
     m, j = build()
     mp, jp = write(tmp_path / "mc.jsonl", m.values()), write(tmp_path / "judge.jsonl", j.values())
     out, rep = tmp_path / "train.jsonl", tmp_path / "report.json"
-    assert commands.main(["filter", "--mc", str(mp), "--judge", str(jp), "--out", str(out), "--report", str(rep)]) == 0
+    assert cli.main(["filter", "--mc", str(mp), "--judge", str(jp), "--out", str(out), "--report", str(rep)]) == 0
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "b", "c"]
     report = json.loads(rep.read_text())
     assert (report["kept"], report["dropped"], report["retention"]) == (3, 7, 0.3)

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from prm_jax.data import formats as F
-from prm_jax.labeling import commands
+from prm_jax import cli
 from prm_jax.records import RecordError
 
 
@@ -155,9 +155,9 @@ def test_processbench_bad_element_names_its_line(tmp_path):
 def test_cli_convert_skip_bad(tmp_path, capsys):
     p = tmp_path / "in.jsonl"
     p.write_text('{"question": "q", "answer": "s\\n#### 4"}\n{"question": "q2"}\n')
-    assert commands.main(["convert", "--from", "gsm8k", "--to", "records", str(p), str(tmp_path / "o.jsonl")]) == 2
+    assert cli.main(["convert", "--from", "gsm8k", "--to", "records", str(p), str(tmp_path / "o.jsonl")]) == 2
     assert capsys.readouterr().err == f"prm-jax convert: error: {p}:2: missing key 'answer'\n"
-    assert commands.main(["convert", "--from", "gsm8k", "--to", "records", "--skip-bad", str(p),
+    assert cli.main(["convert", "--from", "gsm8k", "--to", "records", "--skip-bad", str(p),
                           str(tmp_path / "o.jsonl")]) == 0
     out = capsys.readouterr()
     assert "1 records written, 1 skipped" in out.out and "in.jsonl:2" in out.err
@@ -187,9 +187,9 @@ def test_cli_convert_names_dropped_keys_and_the_input_line_of_an_unwritable_reco
     recs = tmp_path / "r.jsonl"
     recs.write_text(json.dumps({"id": "a", "problem": "p", "answer": "1", "steps": ["s"], "labels": [1], "k": 0})
                     + "\n" + json.dumps({"id": "b", "problem": "q", "steps": ["s"], "labels": [0]}) + "\n")
-    assert commands.main(["convert", "--from", "records", "--to", "gsm8k", str(recs), str(tmp_path / "g")]) == 2
+    assert cli.main(["convert", "--from", "records", "--to", "gsm8k", str(recs), str(tmp_path / "g")]) == 2
     assert f"{recs}:2: record 'b': missing key 'answer'" in capsys.readouterr().err
-    assert commands.main(["convert", "--from", "records", "--to", "processbench", str(recs),
+    assert cli.main(["convert", "--from", "records", "--to", "processbench", str(recs),
                           str(tmp_path / "pb.json")]) == 0
     assert "dropped keys the processbench format has no field for: answer (1 records), k (1 records)" \
         in capsys.readouterr().err

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from prm_jax.labeling import commands
+from prm_jax import cli
 from prm_jax.labeling.consensus import consensus_filter, load_labelled
 from prm_jax.labeling.judge import (JudgeTemplate, Solution, judge_solutions, load_template, majority_vote,
                                     parse_template, parse_verdict, read_solutions)
@@ -442,7 +442,7 @@ def test_unchecked_replies_end_to_end_are_null_and_dropped(tmp_path):
     assert kept == [] and report["dropped_unparsed"] == 1
 
 def _cli(*args) -> list[str]:
-    return [sys.executable, "-m", "prm_jax.labeling.commands", *map(str, args)]
+    return [sys.executable, "-m", "prm_jax.cli", *map(str, args)]
 
 
 def test_kill9_then_restart_completes_the_set(tmp_path):
@@ -487,7 +487,7 @@ def judge_cli(tmp_path, tokenizer_dir, capsys, records) -> tuple[int, str, list[
     src, out = tmp_path / "solutions.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in records))
     with JudgeFixture() as fx:
-        rc = commands.main(["judge", "--api", "sglang", "--endpoint", fx.url, "--tokenizer", tokenizer_dir,
+        rc = cli.main(["judge", "--api", "sglang", "--endpoint", fx.url, "--tokenizer", tokenizer_dir,
                             "--solutions", str(src), "--out", str(out), "--no-progress"])
     return rc, capsys.readouterr().out, read_out(out)
 

@@ -89,14 +89,14 @@ def _train_argv(tmp_path, tok, *extra):
 def test_cli_refuses_bad_settings_before_any_work(tmp_path, toy_tokenizer_dir, capsys, flags, message):
     argv = _train_argv(tmp_path, toy_tokenizer_dir, "--init-config", "tiny", "--tokenizer", toy_tokenizer_dir, *flags)
     assert cli.main(argv) == 2
-    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert capsys.readouterr().err.strip() == f"prm-jax train: error: {message}"
     assert not os.path.exists(tmp_path / "out")
 
 
 def test_missing_init_dir_is_one_line_and_leaves_no_out_dir(tmp_path, toy_tokenizer_dir, capsys):
     missing = str(tmp_path / "no-such-model")
     assert cli.main(_train_argv(tmp_path, toy_tokenizer_dir, "--init", missing)) == 2
-    assert capsys.readouterr().err.strip() == (f"error: --init {missing}: no such directory; expected a local "
+    assert capsys.readouterr().err.strip() == (f"prm-jax train: error: --init {missing}: no such directory; expected a local "
                                                "Hugging Face model directory")
     assert not os.path.exists(tmp_path / "out")
     empty = tmp_path / "empty-model"
@@ -106,5 +106,5 @@ def test_missing_init_dir_is_one_line_and_leaves_no_out_dir(tmp_path, toy_tokeni
     assert not os.path.exists(tmp_path / "out")
     missing_tok = str(tmp_path / "no-such-tokenizer")
     assert cli.main(_train_argv(tmp_path, toy_tokenizer_dir, "--init-config", "tiny", "--tokenizer", missing_tok)) == 2
-    assert capsys.readouterr().err.strip().startswith(f"error: tokenizer {missing_tok}: no such directory")
+    assert capsys.readouterr().err.strip().startswith(f"prm-jax train: error: tokenizer {missing_tok}: no such directory")
     assert not os.path.exists(tmp_path / "out")

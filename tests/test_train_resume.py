@@ -164,7 +164,7 @@ def test_no_restorable_checkpoint_is_a_one_line_error_naming_the_directory(base,
     capsys.readouterr()
     assert cli.main(["export", "--checkpoint", seven, "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith(f"error: {seven}: checkpoint does not restore: ValueError: "), err
+    assert "\n" not in err and err.startswith(f"prm-jax export: error: {seven}: checkpoint does not restore: ValueError: "), err
     assert not os.path.exists(tmp_path / "hf")
     # resume with every step corrupted: the error names the directory and each step's reason
     for step in (3, 6, 7):
@@ -176,6 +176,6 @@ def test_no_restorable_checkpoint_is_a_one_line_error_naming_the_directory(base,
     capsys.readouterr()
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith(f"error: {checkpoints}: no checkpoint restores"), err
+    assert "\n" not in err and err.startswith(f"prm-jax train: error: {checkpoints}: no checkpoint restores"), err
     with pytest.raises(ck.CheckpointError, match=rf"^{checkpoints}/6: checkpoint does not restore: KeyError"):
         ck.load_model(out, step=6)

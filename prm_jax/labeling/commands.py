@@ -167,14 +167,3 @@ def run_convert(args) -> int:
     if len(result.skipped) > 10:
         print(f"  ... and {len(result.skipped) - 10} more", file=sys.stderr)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """These three commands alone (tests and scripts use this without the other stages' imports)."""
-    from prm_jax.cli import main as cli_main  # cli imports this module: import it at call time
-
-    return cli_main(argv, modules=(__name__,))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

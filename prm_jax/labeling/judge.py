@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
+from prm_jax.errors import InputError
 from prm_jax.records import RecordError, ResumableWriter, iter_lines, write_jsonl
 
 VERDICT_STYLES = ("conclusion", "boxed", "auto")
@@ -58,12 +59,12 @@ class JudgeTemplate:
 
     def __post_init__(self):
         if self.verdict not in VERDICT_STYLES:
-            raise ValueError(f"{self.source}: verdict must be one of {VERDICT_STYLES}, got {self.verdict!r}")
+            raise InputError(f"{self.source}: verdict must be one of {VERDICT_STYLES}, got {self.verdict!r}")
         if self.index_base not in (0, 1):
-            raise ValueError(f"{self.source}: index_base must be 0 or 1, got {self.index_base!r}")
+            raise InputError(f"{self.source}: index_base must be 0 or 1, got {self.index_base!r}")
         for field in ("{problem}", "{steps}"):
             if field not in self.body:
-                raise ValueError(f"{self.source}: template body lacks the {field} placeholder")
+                raise InputError(f"{self.source}: template body lacks the {field} placeholder")
 
     def render_steps(self, steps: Sequence[str]) -> str:
         return self.joiner.join(_fill(self.paragraph, index=str(i + self.index_base), text=s)
@@ -94,18 +95,18 @@ def parse_template(text: str, source: str = "<string>") -> JudgeTemplate:
     if text.startswith("---"):
         parts = re.split(r"^---[ \t]*$", text, maxsplit=2, flags=re.M)
         if len(parts) != 3:
-            raise ValueError(f"{source}: front matter opened with '---' but never closed")
+            raise InputError(f"{source}: front matter opened with '---' but never closed")
         try:
             meta = yaml.safe_load(parts[1]) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"{source}: bad YAML front matter ({e})") from None
+            raise InputError(f"{source}: bad YAML front matter ({e})") from None
         if not isinstance(meta, dict):
-            raise ValueError(f"{source}: front matter should be a mapping")
+            raise InputError(f"{source}: front matter should be a mapping")
         text = parts[2]
     known = {f.name for f in dataclasses.fields(JudgeTemplate)} - {"body", "source"}
     unknown = set(meta) - known
     if unknown:
-        raise ValueError(f"{source}: unknown front-matter keys {sorted(unknown)}; expected some of {sorted(known)}")
+        raise InputError(f"{source}: unknown front-matter keys {sorted(unknown)}; expected some of {sorted(known)}")
     return JudgeTemplate(body=text.strip("\n"), source=source, **meta)
 
 
@@ -385,13 +386,17 @@ async def judge_solutions(
     (judge_clients.py). Records whose requests all fail are listed in `failed_path` with the error
     and left out of the output, so the next run retries them."""
     if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
+        raise InputError(f"samples must be >= 1, got {samples}")
     loop_start = time.perf_counter()
     cache_path = cache_path or f"{out_path}.cache.jsonl"
     failed_path = failed_path or f"{out_path}.failed.jsonl"
     summary = JudgeSummary(total=len(solutions))
     writer = ResumableWriter(out_path, key="id", fsync_every=FSYNC_EVERY)
-    cache = ReplyCache(cache_path)
+    try:
+        cache = ReplyCache(cache_path)
+    except BaseException:  # e.g. the cache held by another run: free the output's lock at once
+        writer.close()
+        raise
     sampling = client.sampling_dict()
     todo = [s for s in solutions if s.id not in writer.done]
     summary.resumed = len(solutions) - len(todo)

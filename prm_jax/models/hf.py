@@ -35,6 +35,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from tqdm.auto import tqdm
 
 from prm_jax.data.prm_format import OFFICIAL_STEP_TOKEN_ID
+from prm_jax.errors import InputError
 from prm_jax.models import qwen_vocab as qv
 from prm_jax.models.prm import Qwen2PRM
 from prm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
@@ -63,7 +64,7 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": j
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint file is missing, corrupt, or does not fit the model; the message names file and key."""
 
 

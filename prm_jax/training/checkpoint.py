@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from prm_jax.errors import RunError
 from prm_jax.models.hf import CheckpointError  # also this module's error: a step that does not restore
 from prm_jax.models.qwen2 import Qwen2Config
 
@@ -102,7 +103,7 @@ class Checkpointer:
         # Orbax logs (and swallows) a failed background commit and leaves the step unfinalized:
         # only the renamed step directory proves the save completed.
         if not os.path.isdir(os.path.join(self.step_dir(step), "params")):
-            raise RuntimeError(f"{self.step_dir(step)}: the save of step {step} did not complete")
+            raise RunError(f"{self.step_dir(step)}: the save of step {step} did not complete")
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -200,7 +201,7 @@ def export_hf(checkpoint: str, out_dir: str, step: int | None = None) -> str:
 
     model, meta, step = load_model(checkpoint, step)
     root, _ = locate(checkpoint)
-    hf.save_hf(model, out_dir, tokenizer_dir=tokenizer_dir_for(root, meta))
+    hf.save_hf(model, out_dir, tokenizer_dir=tokenizer_dir_for(root, meta), step_token_id=meta.get("step_token_id"))
     return out_dir
 
 

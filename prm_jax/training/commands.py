@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
 import yaml
+
+from prm_jax.errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +46,7 @@ def build_config(args):
                 with open(args.init_config, encoding="utf-8") as f:
                     spec = yaml.safe_load(f) or {}
                 if not isinstance(spec, dict):
-                    raise ValueError(f"{args.init_config}: expected a mapping of Qwen2Config fields")
+                    raise InputError(f"{args.init_config}: expected a mapping of Qwen2Config fields")
                 d["model"]["preset"] = spec.pop("preset", "tiny")
                 d["model"]["overrides"] = {**d["model"]["overrides"], **spec}
             else:
@@ -58,24 +59,15 @@ def build_config(args):
 
 def run_train(args) -> int:
     from prm_jax.parallel.mesh import initialize_distributed
-    from prm_jax.records import RecordError
-    from prm_jax.training.trainer import TrainingDiverged, format_summary, train
+    from prm_jax.training.trainer import format_summary, train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.init and args.init_config:
-        print("error: give --init or --init-config, not both", file=sys.stderr)
-        return 2
-    try:
-        cfg = build_config(args)
-        initialize_distributed()
-        summary = train(cfg, args.train, args.out, init_dir=args.init, eval_file=args.eval,
-                        objective=args.objective, progress=not args.quiet)
-    except (RecordError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"error: training diverged: {e}", file=sys.stderr)
-        return 1
+        raise InputError("give --init or --init-config, not both")
+    cfg = build_config(args)
+    initialize_distributed()
+    summary = train(cfg, args.train, args.out, init_dir=args.init, eval_file=args.eval,
+                    objective=args.objective, progress=not args.quiet)
     print(format_summary(summary))
     return 143 if summary["status"] == "preempted" else 0
 
@@ -83,10 +75,6 @@ def run_train(args) -> int:
 def run_export(args) -> int:
     from prm_jax.training.checkpoint import export_hf
 
-    try:
-        out = export_hf(args.checkpoint, args.out, step=args.step)
-    except (FileNotFoundError, ValueError) as e:  # ValueError: checkpoint.CheckpointError (a corrupt step)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = export_hf(args.checkpoint, args.out, step=args.step)
     print(f"wrote {out}")
     return 0

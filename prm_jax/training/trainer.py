@@ -34,6 +34,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from prm_jax.data import pipeline as pl
+from prm_jax.errors import InputError, RunError
 from prm_jax.data.prm_format import resolve_step_token
 from prm_jax.models.prm import Qwen2PRM
 from prm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
@@ -45,7 +46,7 @@ from prm_jax.training.losses import LOSSES, balanced_class_weights
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunError):
     """The loss or the gradient norm became NaN/inf."""
 
 
@@ -66,7 +67,7 @@ def model_class(arch: str):
 def fresh_config(preset: str, overrides: dict[str, Any], vocab_needed: int) -> Qwen2Config:
     """A from-scratch Qwen2Config; the vocabulary grows to fit the tokenizer unless set explicitly."""
     if preset not in PRESETS:
-        raise ValueError(f"model preset {preset!r}: expected one of {', '.join(PRESETS)}")
+        raise InputError(f"model preset {preset!r}: expected one of {', '.join(PRESETS)}")
     base = PRESETS[preset](**overrides)
     if "vocab_size" not in overrides and base.vocab_size < vocab_needed:
         base = base.replace(vocab_size=-(-vocab_needed // 64) * 64)
@@ -333,7 +334,7 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
     tokenizer in `config.model.tokenizer`. `callbacks` are called with the step number after each
     step (tests use them to deliver SIGTERM at a chosen step)."""
     if objective not in LOSSES:
-        raise ValueError(f"objective {objective!r}: expected one of {', '.join(LOSSES)}")
+        raise InputError(f"objective {objective!r}: expected one of {', '.join(LOSSES)}")
     cfg, run, dcfg = config, config.run, config.data
     arch = arch_for(objective)
     if not _has_steps(os.path.join(out_dir, "checkpoints")):  # a fresh run reads them; a resumed one does not
@@ -344,7 +345,7 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
     accum = cfg.optim.accum_steps
     if dcfg.batch_size % accum or (dcfg.batch_size // accum) % ways:
-        raise ValueError(f"data.batch_size={dcfg.batch_size} must split into optim.accum_steps={accum} micro-batches "
+        raise InputError(f"data.batch_size={dcfg.batch_size} must split into optim.accum_steps={accum} micro-batches "
                          f"whose size divides over data*fsdp={ways} devices")
     micro = dcfg.batch_size // accum
 
@@ -359,7 +360,7 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
     # -- model, tokenizer -------------------------------------------------------------------
     if latest is not None:
         if meta.get("objective") != objective:
-            raise ValueError(f"{out_dir} holds a run with objective {meta.get('objective')!r}, not {objective!r}; "
+            raise InputError(f"{out_dir} holds a run with objective {meta.get('objective')!r}, not {objective!r}; "
                              "use a new --out directory")
         model_cfg = Qwen2Config(**meta["model_config"])
         tokenizer = _load_tokenizer(tok_dir)
@@ -367,7 +368,7 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
     else:
         tokenizer = _load_tokenizer(cfg.model.tokenizer or init_dir) if (cfg.model.tokenizer or init_dir) else None
         if tokenizer is None:
-            raise ValueError("no tokenizer: give --init DIR or set model.tokenizer (--tokenizer)")
+            raise InputError("no tokenizer: give --init DIR or set model.tokenizer (--tokenizer)")
         if init_dir:
             params, model_cfg = init_from_hf(init_dir, arch, mesh, run.seed, cfg.model.param_dtype)
             source = init_dir
@@ -376,7 +377,7 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
             params = None
             source = f"fresh {cfg.model.preset} model"
         else:
-            raise ValueError("no model: give --init DIR or --init-config PRESET|YAML (model.preset)")
+            raise InputError("no model: give --init DIR or --init-config PRESET|YAML (model.preset)")
     m = cfg.model
     model_cfg = model_cfg.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, remat_saves=m.remat_saves,
                                   attention_impl=m.attention_impl)
@@ -385,7 +386,7 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
     if arch == "prm":
         step_token_id = resolve_step_token(tokenizer, dcfg.step_token)
         if step_token_id >= model_cfg.vocab_size:
-            raise ValueError(f"step token {dcfg.step_token!r} has id {step_token_id}, outside the model's vocabulary "
+            raise InputError(f"step token {dcfg.step_token!r} has id {step_token_id}, outside the model's vocabulary "
                              f"of {model_cfg.vocab_size}")
     if latest is None:
         if primary:
@@ -393,7 +394,7 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
         if params is None:
             params = init_fresh(model_cfg, arch, mesh, run.seed)
     if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token")
+        raise InputError("the tokenizer has no pad token")
 
     # -- data ---------------------------------------------------------------------------------
     opts = pl.EncodeOptions(objective=objective, max_length=dcfg.max_length, step_token_id=step_token_id,
@@ -574,7 +575,7 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
     if status == "completed" and run.export_hf:  # every process takes part in the gathers; process 0 writes
         from prm_jax.models import hf
         hf_dir = os.path.join(out_dir, "hf")
-        hf.save_hf(nnx.merge(graphdef, params), hf_dir, tokenizer_dir=tok_dir)
+        hf.save_hf(nnx.merge(graphdef, params), hf_dir, tokenizer_dir=tok_dir, step_token_id=step_token_id)
     ckpt.close()
     elapsed = time.perf_counter() - t_start
     summary = {
