@@ -66,10 +66,17 @@ def _policy(policy, tokenizer, mesh, dtype):
 
 
 def _scorer(prm, prm_tokenizer, mesh, dtype, step_token, batch_size, max_length, system_prompt):
-    """A PRMScorer (the scorer eval uses) from a directory or a model; anything with .score passes as is."""
-    if hasattr(prm, "score"):
-        return prm
+    """A PRMScorer (the scorer eval uses) from a directory or a model; any other object with .score passes
+    as is (a Qwen2PRM has a `score` head, hence the module test first)."""
+    from flax import nnx
+
     from prm_jax.evaluation.scoring import PRMScorer
+
+    if not isinstance(prm, (str, os.PathLike, nnx.Module)):
+        if not callable(getattr(prm, "score", None)):
+            raise InputError(f"search: prm must be a directory, a Qwen2PRM or a scorer with .score(items), "
+                             f"got {type(prm).__name__}")
+        return prm
 
     if isinstance(prm, (str, os.PathLike)):
         from prm_jax.models.hf import load_prm, load_tokenizer
