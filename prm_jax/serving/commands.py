@@ -30,7 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--mesh", default=None, help="mesh spec, e.g. data=4,tensor=2 (default: all devices on data)")
     p.add_argument("--dtype", default=None, help="compute dtype (e.g. bfloat16); default: the checkpoint's")
     p.add_argument("--max-length", type=positive_int, default=4096, help="tokens per input; longer ones get 400")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="rows per forward (rounded up to data shards)")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="rows per forward (rounded up to data shards); keep it well below the concurrent requests: "
+                        "a forward is padded to this many rows, and a gathered batch sorts into several tight forwards")
     p.add_argument("--max-batch-tokens", type=positive_int, default=16384,
                    help="a batch is taken once this many tokens are queued, and a forward holds at most this many")
     p.add_argument("--max-wait-ms", type=nonneg_float, default=5.0,
