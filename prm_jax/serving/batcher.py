@@ -116,12 +116,19 @@ class Batcher:
             except Exception as e:  # noqa: BLE001 -- answered as a 500 to this batch; the thread lives on
                 log.exception("scoring a batch of %d requests failed", len(live))
                 for j in live:
-                    j.loop.call_soon_threadsafe(_fail, j.future, e)
+                    _answer(j, _fail, e)
                 continue
             start = 0
             for j in live:
-                j.loop.call_soon_threadsafe(_resolve, j.future, rows[start:start + len(j.encoded)])
+                _answer(j, _resolve, rows[start:start + len(j.encoded)])
                 start += len(j.encoded)
+
+
+def _answer(job: _Job, how, value) -> None:
+    try:
+        job.loop.call_soon_threadsafe(how, job.future, value)
+    except RuntimeError:  # the server's loop closed while this batch ran (shutdown): nobody to answer
+        pass
 
 
 def _resolve(future: asyncio.Future, rows) -> None:
