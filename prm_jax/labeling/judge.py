@@ -37,6 +37,7 @@ import yaml
 from tqdm import tqdm
 
 from prm_jax.errors import InputError
+from prm_jax.labeling.grading import last_boxed
 from prm_jax.records import RecordError, ResumableWriter, iter_lines, write_jsonl
 
 VERDICT_STYLES = ("conclusion", "boxed", "auto")
@@ -138,22 +139,6 @@ _CALLS_INCORRECT = re.compile(r"\bincorrect\b|(?:\bnot|n't)\s+correct\b", re.I)
 _INT = re.compile(r"[+-]?\d+")
 
 
-def _last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (braces matched), or None."""
-    start = text.rfind("\\boxed{")
-    while start >= 0:
-        i, depth = start + len("\\boxed{"), 1
-        for j in range(i, len(text)):
-            if text[j] == "{":
-                depth += 1
-            elif text[j] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[i:j]
-        start = text.rfind("\\boxed{", 0, start)  # unclosed: try an earlier one
-    return None
-
-
 def _from_index(k: int, n_steps: int, base: int) -> int | None:
     if k == -1:
         return -1
@@ -162,7 +147,7 @@ def _from_index(k: int, n_steps: int, base: int) -> int | None:
 
 
 def _read_boxed(reply: str, n_steps: int, base: int) -> int | None:
-    content = _last_boxed(reply)
+    content = last_boxed(reply)
     if content is None:
         return None
     content = re.sub(r"\\text\{([^{}]*)\}", r"\1", content).strip().strip("$").strip()
