@@ -222,10 +222,16 @@ def test_compile_count_stays_bounded(model):
     # batch's shapes: one prefill and one decode program, and its rows are those sampled alone
     prompts = [rs.randint(0, VOCAB, 9).tolist() for _ in range(4)]
     before = sampler.compile_count()
-    outs = sampler.generate_from_prefixes(model, prompts, 4, 10, temperature=1.0, seed=3, max_batch=12)
+    outs = sampler.generate_from_prefixes(model, prompts, 4, 10, temperature=1.0, seed=3, max_batch=12,
+                                          batching="static")
     assert sampler.compile_count() - before <= 2, sampler.compile_log()[before:]  # 4 when each batch had its own
+    # continuous batching: a repeated call of the same shapes compiles nothing new
+    sampler.generate_from_prefixes(model, prompts, 4, 10, temperature=1.0, seed=3, max_batch=12)
+    before = sampler.compile_count()
+    sampler.generate_from_prefixes(model, prompts, 4, 10, temperature=1.0, seed=4, max_batch=12)
+    assert sampler.compile_count() == before, sampler.compile_log()[before:]
     alone = sampler.generate(model, prompts[3:] * 4, 10, temperature=1.0, seed=3, key_ids=[3] * 4,
-                             sample_ids=range(4))
+                             sample_ids=range(4), batching="static")
     assert outs[3] == alone
     assert len(sampler.compile_log()) == sampler.compile_count()
 
@@ -237,3 +243,84 @@ def test_bad_input_is_reported(model):
         sampler.generate(model, [[999]], 2)
     with pytest.raises(ValueError, match="top_p"):
         sampler.generate(model, [[1]], 2, temperature=1.0, top_p=0.0)
+
+
+# -- continuous batching -----------------------------------------------------------------------------
+
+def _counting_model(vocab: int = 64) -> Qwen2ForCausalLM:
+    """A model whose greedy next token is (last token + 1) mod vocab, whatever came before: every
+    layer's output projections are zero (the residual stream stays the token's embedding), the
+    embedding is the identity and the LM head a cyclic shift. With stop id 0, a row whose prompt
+    ends with x therefore returns [x+1, ..., vocab-1, 0]: a known length, vocab - x."""
+    cfg = Qwen2Config.tiny(vocab_size=vocab, hidden_size=vocab)
+    model = Qwen2ForCausalLM(cfg, nnx.Rngs(0))
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if path[-2] in ("o_proj", "down_proj"):
+            var[...] = jnp.zeros_like(var[...])
+    model.model.embed_tokens.embedding[...] = jnp.eye(vocab, dtype=jnp.float32)
+    model.lm_head.kernel[...] = jnp.roll(jnp.eye(vocab, dtype=jnp.float32), 1, axis=1) * 10.0
+    return model
+
+
+def test_continuous_reuses_slots_and_answers_every_request_once():
+    vocab = 64
+    model = _counting_model(vocab)
+    rs = np.random.RandomState(7)
+    lasts = [60, 20, 63, 45, 58, 33, 61, 50, 40, 62, 55, 47, 30]  # lengths 4 .. 44 tokens
+    prompts = [rs.randint(1, vocab, rs.randint(1, 9)).tolist() + [x] for x in lasts]
+    want = [list(range(x + 1, vocab)) + [0] for x in lasts]
+    outs = sampler.generate(model, prompts, 48, stop_ids=[0], max_batch=4)
+    assert outs == want  # every request answered, with its own tokens (none lost, none swapped)
+    cont = sampler.last_stats()
+    assert cont.kept_tokens == sum(map(len, want))
+    # 13 requests through 4 slots: the pool ran fewer steps than the rows' total length, and far
+    # fewer than 4-row static batches, which each wait for their longest row
+    assert cont.decode_steps < sum(map(len, want)) / 2
+    assert sampler.generate(model, prompts, 48, stop_ids=[0], max_batch=4, batching="static") == want
+    static = sampler.last_stats()
+    assert cont.slot_steps < static.slot_steps and cont.utilisation > static.utilisation
+    # prefixes with uneven counts: each row is its prefix's count, answered once
+    grouped = sampler.generate_from_prefixes(model, prompts[:3], [3, 1, 5], 48, stop_ids=[0], max_batch=4)
+    assert grouped == [[want[0]] * 3, [want[1]], [want[2]] * 5]
+
+
+def test_continuous_equals_static(model, prompts):
+    rs = np.random.RandomState(8)
+    many = prompts + [rs.randint(0, VOCAB, n).tolist() for n in (2, 17, 9, 4, 12, 6, 21)]
+    stops = [3, 17, 40, 77, 101]  # rows end at different steps, so slots free up mid-run
+    for kw in (dict(), dict(temperature=1.0, top_p=0.9, seed=11), dict(temperature=0.8, top_k=6, seed=2)):
+        ref, ref_lp = sampler.generate(model, many, 24, stop_ids=stops, return_logprobs=True, batching="static", **kw)
+        got, got_lp = sampler.generate(model, many, 24, stop_ids=stops, return_logprobs=True, max_batch=4, **kw)
+        assert got == ref, kw
+        np.testing.assert_allclose(np.concatenate(got_lp), np.concatenate(ref_lp), atol=1e-5)
+        assert len({len(r) for r in ref}) > 3  # lengths really differ
+    # shared prefixes through a pool smaller than the request count
+    prefixes = [many[8][:k] for k in (3, 9, 17)] + [many[1]]
+    kw = dict(temperature=1.0, top_p=0.9, seed=5, stop_ids=stops)
+    assert (sampler.generate_from_prefixes(model, prefixes, 3, 20, max_batch=4, **kw)
+            == sampler.generate_from_prefixes(model, prefixes, 3, 20, batching="static", **kw))
+
+
+def test_bounded_cache_decode_equals_full_cache(model, monkeypatch):
+    """Small cache buckets and chunks make the pool grow, shrink and compact its cache while long
+    and short rows decode together; greedy tokens equal the static path's, whose cache is
+    preallocated for prompt + max_new_tokens and read whole at every step."""
+    monkeypatch.setattr(sampler, "_CACHE_QUANTUM", 8)
+    monkeypatch.setattr(sampler, "CHUNK_STEPS", 4)
+    rs = np.random.RandomState(9)
+    mixed = [rs.randint(0, VOCAB, n).tolist() for n in (3, 70, 5, 41, 2, 66, 9, 30)]
+    stops = [3, 17, 40]
+    ref = sampler.generate(model, mixed, 40, stop_ids=stops, batching="static")
+    before = len(sampler.compile_log())
+    got = sampler.generate(model, mixed, 40, stop_ids=stops)
+    assert got == ref
+    lengths = {line.split("cache=")[1].split()[0].split("->")[1] for line in sampler.compile_log()[before:]
+               if "resize" in line}
+    assert len(lengths) >= 2, sampler.compile_log()[before:]  # the cache length really moved
+    full = sampler.bucket(70, 16) + sampler.bucket(40, 8)  # the static path's cache length
+    assert min(int(x) for x in lengths) < full
+
+
+def test_continuous_batching_is_rejected_with_a_clear_error(model):
+    with pytest.raises(ValueError, match="batching must be 'continuous' or 'static'"):
+        sampler.generate(model, [[1, 2]], 2, batching="paged")

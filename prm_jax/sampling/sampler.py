@@ -43,6 +43,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -197,6 +198,108 @@ def _decode_impl(graphdef, params, cache, logits0, lens, key_ids, sample_ids, do
 _decode = jax.jit(_decode_impl, static_argnames=("graphdef", "st"), donate_argnames=("cache",))
 
 
+# -- continuous batching: programs -----------------------------------------------------------------
+# A pool of S slots, each a cache row [K, L, D] plus its decode state: the next-token logits, the
+# prompt length, t (tokens emitted so far), done, its key/sample ids, the stop-string match and
+# its output so far. `_admit` prefills requests into free slots, `_chunk` decodes up to a
+# given number of steps (leaving early once enough slots are free), `_resize` gathers slots into
+# a smaller pool and crops or extends the cache length L (attention reads all L positions, so L
+# follows the filled part of the cache in buckets instead of the prompt + max_new_tokens maximum).
+
+_STATE_KEYS = ("logits", "lens", "t", "done", "key_ids", "sample_ids", "matched", "out_tok", "out_lp")
+
+
+def _admit_impl(graphdef, params, cache, state, ids, row_src, row_len, slots, key_ids, sample_ids, *, st: _Static):
+    """Prefill the sources ids [U, T] and hand row i (of source row_src[i], prompt length
+    row_len[i]) to slot slots[i]: its cache positions [0, T) and fresh state. slots[i] = S (out of
+    range) marks a padding row, whose writes are dropped."""
+    _note_compile("admit", f"sources={ids.shape[0]} len={ids.shape[1]} rows={row_src.shape[0]} "
+                           f"slots={state['lens'].shape[0]} cache={cache[0][0].shape[2]}")
+    model = nnx.merge(graphdef, params)
+    u, t = ids.shape
+    src = _constrain(model.init_cache(u, t), st.mesh)
+    hidden, src = model.forward_cached(ids, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (u, t)), src)
+    logits = model.logits(hidden[row_src, row_len - 1])
+    cache = [(ck.at[slots, :, :t].set(k[row_src], mode="drop"), cv.at[slots, :, :t].set(v[row_src], mode="drop"))
+             for (ck, cv), (k, v) in zip(cache, src)]
+    fresh = dict(logits=logits, lens=row_len, t=jnp.zeros_like(row_len), done=jnp.zeros(row_len.shape, bool),
+                 key_ids=key_ids, sample_ids=sample_ids, matched=jnp.zeros_like(row_len))
+    state = {name: (a.at[slots].set(fresh[name], mode="drop") if name in fresh else a) for name, a in state.items()}
+    return _constrain(cache, st.mesh), state
+
+
+_admit = jax.jit(_admit_impl, static_argnames=("graphdef", "st"), donate_argnames=("cache", "state"))
+
+
+def _chunk_impl(graphdef, params, cache, state, base_key, max_new, temperature, top_p, stop_ids, stop_table,
+                max_steps, free_target, *, st: _Static):
+    """Up to max_steps decode steps of every slot, stopping early once free_target slots are done
+    (or all are). Each step picks token t of each live slot from its logits (key fold_in(row key,
+    t), exactly as the static decode) and feeds it at position lens + t. Returns the cache, the
+    state and the number of steps run."""
+    s_n, length = state["lens"].shape[0], cache[0][0].shape[2]
+    _note_compile("decode_chunk", f"slots={s_n} cache={length} new={st.new_len} strategy={st.strategy} "
+                                  f"logprobs={st.logprobs}")
+    model = nnx.merge(graphdef, params)
+    row_keys = jax.vmap(lambda a, b: jax.random.fold_in(jax.random.fold_in(base_key, a), b))(
+        state["key_ids"], state["sample_ids"])
+    slot = jnp.arange(s_n)
+
+    def cond(c):
+        i, _, s = c
+        return (i < max_steps) & (jnp.sum(s["done"]) < free_target) & ~jnp.all(s["done"])
+
+    def body(c):
+        i, cache, s = c
+        t, live = s["t"], ~s["done"]
+        tok = choose(s["logits"], jax.vmap(jax.random.fold_in)(row_keys, t), temperature, top_p, st.strategy)
+        if st.logprobs:
+            lp = jnp.take_along_axis(s["logits"], tok[:, None], axis=1)[:, 0] - jax.nn.logsumexp(s["logits"], axis=-1)
+        else:
+            lp = jnp.zeros((s_n,), jnp.float32)
+        stopped = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+        matched = s["matched"]
+        if st.stop_string:
+            matched = stop_table[matched, tok]
+            stopped |= matched >= stop_table.shape[0]
+        col = jnp.where(live, t, st.new_len)  # a free slot's write is dropped
+        t_next = t + live
+        done = s["done"] | (live & (stopped | (t_next >= max_new)))
+        pos = jnp.minimum(s["lens"] + t, length - 1)  # only done slots can reach past L - 1
+
+        def forward(cache):
+            hidden, cache = model.forward_cached(tok[:, None], pos[:, None], cache)
+            return model.logits(hidden[:, 0]), _constrain(cache, st.mesh)
+
+        logits, cache = jax.lax.cond(jnp.all(done), lambda c: (s["logits"], c), forward, cache)
+        s = dict(logits=logits, lens=s["lens"], t=t_next, done=done, key_ids=s["key_ids"],
+                 sample_ids=s["sample_ids"], matched=matched,
+                 out_tok=s["out_tok"].at[slot, col].set(tok, mode="drop"),
+                 out_lp=s["out_lp"].at[slot, col].set(lp, mode="drop"))
+        return i + 1, cache, s
+
+    steps, cache, state = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, state))
+    return cache, state, steps
+
+
+_chunk = jax.jit(_chunk_impl, static_argnames=("graphdef", "st"), donate_argnames=("cache", "state"))
+
+
+def _resize_impl(cache, state, idx, *, length: int, mesh: Mesh | None):
+    """The pool of slots idx (in that order), its cache cropped or zero-extended to `length`."""
+    _note_compile("resize", f"slots={state['lens'].shape[0]}->{idx.shape[0]} "
+                            f"cache={cache[0][0].shape[2]}->{length}")
+
+    def fix(a):
+        a = a[idx]
+        extra = length - a.shape[2]
+        return a[:, :, :length] if extra <= 0 else jnp.pad(a, ((0, 0), (0, 0), (0, extra), (0, 0)))
+    return _constrain([(fix(k), fix(v)) for k, v in cache], mesh), {n: a[idx] for n, a in state.items()}
+
+
+_resize = jax.jit(_resize_impl, static_argnames=("length", "mesh"))  # new shapes: nothing to donate to
+
+
 # -- host side -------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -250,10 +353,27 @@ def _strategy(temperature: float, top_p: float, top_k: int, vocab: int) -> Strat
     return Strategy(greedy=False, top_k=min(int(top_k), vocab), use_top_p=top_p < 1)
 
 
-def _run(model, sources: list[list[int]], rows: list[_Row], max_new_tokens: int, strategy: Strategy,
-         temperature: float, top_p: float, seed: int, stop_ids, mesh, return_logprobs: bool,
-         max_batch: int, stop_table: np.ndarray | None = None) -> tuple[list[list[int]], list[list[float]]]:
-    """Sample every row (grouped by source, longest first) in batches of <= max_batch rows."""
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """What every batch of one sampler call shares: validated arguments placed on the devices."""
+    graphdef: Any
+    params: Any
+    mesh: Mesh | None
+    dp: int  # rows are split over this many devices: batch sizes are multiples of it
+    new_len: int  # bucket of max_new_tokens (the true limit is the traced scalars[0])
+    strategy: Strategy
+    logprobs: bool
+    stop_string: bool
+    scalars: list  # max_new_tokens, temperature, top_p (traced)
+    stop_dev: Any
+    table_dev: Any
+    base_key: Any
+    put: Any  # host array -> rows split over the mesh
+    rep: Any  # host array -> replicated
+
+
+def _setup(model, max_new_tokens: int, strategy: Strategy, temperature: float, top_p: float, seed: int, stop_ids,
+           mesh, return_logprobs: bool, max_batch: int, stop_table: np.ndarray | None) -> _Call:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if max_batch < 1:
@@ -264,28 +384,51 @@ def _run(model, sources: list[list[int]], rows: list[_Row], max_new_tokens: int,
         raise ValueError(f"stop_ids must lie in [0, {vocab}), got {stops}")
     stop_arr = np.full((bucket(len(stops), 8),), -1, np.int32)
     stop_arr[:len(stops)] = stops
-    dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-    new_len = bucket(max_new_tokens, 8)
+    if stop_table is not None and (stop_table.ndim != 2 or stop_table.shape[1] != vocab):
+        raise ValueError(f"stop_table must be [len(stop string), vocab={vocab}], got {stop_table.shape}")
     graphdef, params = nnx.split(model)
     if mesh is not None:  # a no-op when the model was created sharded on this mesh
         params = jax.device_put(params, state_shardings(params, mesh))
-    base_key = jax.random.key(seed)
     put = (lambda a: jax.device_put(a, batch_sharding(mesh, a.ndim))) if mesh is not None else jnp.asarray
     rep = (lambda a: jax.device_put(a, NamedSharding(mesh, jax.sharding.PartitionSpec()))) if mesh else jnp.asarray
     scalars = [rep(np.asarray(x, dt)) for x, dt in
                ((max_new_tokens, np.int32), (max(temperature, 1e-6), np.float32), (top_p, np.float32))]
-    stop_dev, base_key = rep(stop_arr), rep(base_key)
-    if stop_table is not None and (stop_table.ndim != 2 or stop_table.shape[1] != vocab):
-        raise ValueError(f"stop_table must be [len(stop string), vocab={vocab}], got {stop_table.shape}")
-    table_dev = rep(np.zeros((1, 1), np.int32) if stop_table is None else np.asarray(stop_table, np.int32))
+    table = np.zeros((1, 1), np.int32) if stop_table is None else np.asarray(stop_table, np.int32)
+    return _Call(graphdef, params, mesh, 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"],
+                 bucket(max_new_tokens, 8), strategy, return_logprobs, stop_table is not None, scalars,
+                 rep(stop_arr), rep(table), rep(jax.random.key(seed)), put, rep)
 
+
+def _run(model, sources: list[list[int]], rows: list[_Row], max_new_tokens: int, strategy: Strategy,
+         temperature: float, top_p: float, seed: int, stop_ids, mesh, return_logprobs: bool,
+         max_batch: int, stop_table: np.ndarray | None = None, batching: str = "continuous",
+         ) -> tuple[list[list[int]], list[list[float]]]:
+    """Sample every row: continuous batching (slots refilled as rows finish) or static batches."""
+    if batching not in ("continuous", "static"):
+        raise ValueError(f"batching must be 'continuous' or 'static', got {batching!r}")
+    call = _setup(model, max_new_tokens, strategy, temperature, top_p, seed, stop_ids, mesh, return_logprobs,
+                  max_batch, stop_table)
     order = sorted(rows, key=lambda rw: (-len(sources[rw.source]), rw.source, rw.out))
+    results: list[Any] = [None] * len(rows)
+    stats = (_run_continuous if batching == "continuous" else _run_static)(
+        model.cfg, call, sources, order, max_new_tokens, max_batch, results)
+    global _LAST
+    _LAST = stats
+    _TOTAL[0] = _TOTAL[0] + stats
+    return [x[0] for x in results], [x[1] for x in results]
+
+
+def _run_static(cfg, call: _Call, sources, order: list[_Row], max_new_tokens: int, max_batch: int,
+                results: list) -> "SamplerStats":
+    """Batches of <= max_batch rows (grouped by source, longest first), each decoded until its
+    longest row ends, in a cache preallocated for prompt + max_new_tokens."""
+    put, new_len, dp = call.put, call.new_len, call.dp
     chunks = [order[start:start + max_batch] for start in range(0, len(order), max_batch)]
     # Every batch of a call gets the first one's row count and the most sources any batch has, so
     # a call's short last batch reuses its programs: a compile costs more than padded rows.
     r = _batch_bucket(len(chunks[0]), dp) if chunks else 0
     u = max((_batch_bucket(len({rw.source for rw in c}), dp) for c in chunks), default=0)
-    results: list[Any] = [None] * len(rows)
+    stats = SamplerStats(calls=1)
     for chunk in chunks:
         src_ids = list(dict.fromkeys(rw.source for rw in chunk))
         src_pos = {s: i for i, s in enumerate(src_ids)}
@@ -301,25 +444,224 @@ def _run(model, sources: list[list[int]], rows: list[_Row], max_new_tokens: int,
         for i, rw in enumerate(chunk):
             row_src[i], lens[i], key_ids[i], sample_ids[i], done[i] = (
                 src_pos[rw.source], rw.length, rw.key_id, rw.sample_id, False)
-        st = _Static(cache_len=t + new_len, mesh=mesh)
-        cache, logits0 = _prefill(graphdef, params, put(ids), put(row_src), put(lens), st=st)
-        st = dataclasses.replace(st, strategy=strategy, new_len=new_len, logprobs=return_logprobs,
-                                 stop_string=stop_table is not None)
-        toks, lps, _ = _decode(graphdef, params, cache, logits0, put(lens), put(key_ids), put(sample_ids),
-                            put(done), base_key, *scalars[:1], *scalars[1:], stop_dev, table_dev, st=st)
+        st = _Static(cache_len=t + new_len, mesh=call.mesh)
+        cache, logits0 = _prefill(call.graphdef, call.params, put(ids), put(row_src), put(lens), st=st)
+        st = dataclasses.replace(st, strategy=call.strategy, new_len=new_len, logprobs=call.logprobs,
+                                 stop_string=call.stop_string)
+        jax.block_until_ready(logits0)
+        t0 = time.perf_counter()
+        toks, lps, _ = _decode(call.graphdef, call.params, cache, logits0, put(lens), put(key_ids),
+                               put(sample_ids), put(done), call.base_key, *call.scalars, call.stop_dev,
+                               call.table_dev, st=st)
         toks, lps = np.asarray(jax.device_get(toks)), np.asarray(jax.device_get(lps))
+        seconds = time.perf_counter() - t0
+        kept = 0
         for i, rw in enumerate(chunk):
             row = toks[i, :max_new_tokens]
             n = int(np.argmax(row < 0)) if (row < 0).any() else len(row)
             results[rw.out] = (row[:n].tolist(), lps[i, :n].tolist())
-    return [x[0] for x in results], [x[1] for x in results]
+            kept += n
+        steps = max(len(results[rw.out][0]) for rw in chunk)  # the loop ran until its longest row ended
+        stats = stats + _step_stats(cfg, r, t + new_len, steps, kept, seconds)
+    return stats
+
+
+CHUNK_STEPS = 32  # most decode steps between two visits of the continuous scheduler
+MIN_SLOTS = 4  # the pool is halved as it drains (no requests pending), down to this many slots
+_CACHE_QUANTUM = 128  # cache lengths are bucket(n, 128): 128, 192, 256, 384, 512, 768, ...
+
+
+def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens: int, max_batch: int,
+                    results: list) -> "SamplerStats":
+    """A pool of S = bucket(min(max_batch, rows)) slots. Requests are admitted in source order
+    (one prefill per distinct source in an admission group); the pool decodes in chunks of up to
+    CHUNK_STEPS steps, and between chunks finished rows are collected, free slots refilled (once a
+    quarter of the pool is free), the pool halved once no request is pending and half of it is
+    idle, and the cache length moved to the bucket of what the live rows will fill next."""
+    put, rep, new_len, dp = call.put, call.rep, call.new_len, call.dp
+    s_n = _batch_bucket(min(max_batch, len(order)), dp)
+    refill = min(s_n, _batch_bucket(max(1, s_n // 4), dp))
+    n_src = len({rw.source for rw in order})
+    u_full, u_refill = _batch_bucket(min(s_n, n_src), dp), _batch_bucket(min(refill, n_src), dp)
+    t_len = bucket(max(len(sources[rw.source]) for rw in order), 16)  # prompt bucket of the call
+    cap = t_len + new_len  # the static path's cache length: no row ever needs more
+    mesh, vocab = call.mesh, cfg.vocab_size
+    st = _Static(cache_len=0, mesh=mesh, strategy=call.strategy, new_len=new_len, logprobs=call.logprobs,
+                 stop_string=call.stop_string)
+
+    def length_for(pos: int) -> int:  # cache length for live rows whose next position is < pos
+        return min(cap, bucket(pos + CHUNK_STEPS, _CACHE_QUANTUM))
+
+    def empty_pool(n: int, length: int):
+        shape = (n, cfg.num_kv_heads, length, cfg.head_size)
+        sh = _cache_sharding(mesh, shape)
+        zeros = lambda: jnp.zeros(shape, jnp.dtype(cfg.dtype), device=sh)  # noqa: E731
+        host = dict(logits=np.zeros((n, vocab), np.float32), lens=np.ones(n, np.int32), t=np.zeros(n, np.int32),
+                    done=np.ones(n, bool), key_ids=np.zeros(n, np.int32), sample_ids=np.zeros(n, np.int32),
+                    matched=np.zeros(n, np.int32), out_tok=np.full((n, new_len), -1, np.int32),
+                    out_lp=np.zeros((n, new_len), np.float32))
+        return [(zeros(), zeros()) for _ in range(cfg.num_layers)], {k: put(host[k]) for k in _STATE_KEYS}
+
+    length = length_for(t_len)
+    cache, state = empty_pool(s_n, length)
+    slot_row: list[_Row | None] = [None] * s_n
+    lens_h, t_h = np.zeros(s_n, np.int64), np.zeros(s_n, np.int64)
+    pending = collections.deque(order)
+    stats = SamplerStats(calls=1)
+
+    def admit(group: list[_Row], slots: list[int], r: int, u: int):
+        nonlocal cache, state
+        src_ids = list(dict.fromkeys(rw.source for rw in group))
+        src_pos = {s: i for i, s in enumerate(src_ids)}
+        ids = np.zeros((u, t_len), np.int32)
+        for i, s in enumerate(src_ids):
+            ids[i, :len(sources[s])] = sources[s]
+        row_src, row_len = np.zeros(r, np.int32), np.ones(r, np.int32)
+        slot_idx, key_ids, sample_ids = np.full(r, len(slot_row), np.int32), np.zeros(r, np.int32), np.zeros(r, np.int32)
+        for i, (rw, sl) in enumerate(zip(group, slots)):
+            row_src[i], row_len[i], slot_idx[i], key_ids[i], sample_ids[i] = (
+                src_pos[rw.source], rw.length, sl, rw.key_id, rw.sample_id)
+            slot_row[sl], lens_h[sl], t_h[sl] = rw, rw.length, 0
+        cache, state = _admit(call.graphdef, call.params, cache, state, put(ids), rep(row_src), rep(row_len),
+                              rep(slot_idx), rep(key_ids), rep(sample_ids), st=st)
+
+    def resize(idx: list[int], new_length: int):
+        nonlocal cache, state, slot_row, lens_h, t_h, length
+        cache, state = _resize(cache, state, rep(np.asarray(idx, np.int32)), length=new_length, mesh=mesh)
+        slot_row, lens_h, t_h = [slot_row[i] for i in idx], lens_h[idx], t_h[idx]
+        length = new_length
+
+    while True:
+        free = [i for i, rw in enumerate(slot_row) if rw is None]
+        if pending and length < t_len:
+            resize(list(range(len(slot_row))), length_for(t_len))
+        while pending and len(free) >= min(refill, len(pending)) and free:
+            big = len(free) == len(slot_row)  # an empty pool takes a full group: fewer prefills
+            r, u = (len(slot_row), u_full) if big else (refill, u_refill)
+            group = [pending.popleft() for _ in range(min(r, len(free), len(pending)))]
+            admit(group, free[:len(group)], r, u)
+            free = free[len(group):]
+        live = [i for i, rw in enumerate(slot_row) if rw is not None]
+        if not live:
+            break
+        s_cur = len(slot_row)
+        next_pos = int(max(lens_h[i] + t_h[i] for i in live))
+        target = length_for(next_pos)
+        half = s_cur // 2
+        if not pending and len(live) <= half and half >= MIN_SLOTS and half % dp == 0:
+            while len(live) <= half // 2 and half // 2 >= MIN_SLOTS and (half // 2) % dp == 0:
+                half //= 2
+            resize(live + free[:half - len(live)], target)
+        elif length - next_pos < CHUNK_STEPS and length < cap or length > target + CHUNK_STEPS * 4:
+            resize(list(range(s_cur)), target)
+        s_cur = len(slot_row)
+        steps = min(CHUNK_STEPS, length - next_pos)
+        idle = s_cur - len(live)
+        if pending:
+            free_target = idle + min(refill, len(pending))
+        elif s_cur // 2 >= MIN_SLOTS and (s_cur // 2) % dp == 0:
+            free_target = s_cur - s_cur // 2
+        else:
+            free_target = s_cur
+        t0 = time.perf_counter()
+        cache, state, ran = _chunk(call.graphdef, call.params, cache, state, call.base_key, *call.scalars,
+                                   call.stop_dev, call.table_dev, rep(np.int32(steps)), rep(np.int32(free_target)),
+                                   st=st)
+        done, t_now, ran = jax.device_get((state["done"], state["t"], ran))
+        seconds = time.perf_counter() - t0
+        finished = [i for i in live if done[i]]
+        kept = 0
+        if finished:
+            toks, lps = jax.device_get((state["out_tok"], state["out_lp"]))
+            for i in finished:
+                n = int(t_now[i])
+                if results[slot_row[i].out] is not None:
+                    raise RuntimeError(f"sampler: request {slot_row[i].out} answered twice")
+                results[slot_row[i].out] = (toks[i, :n].tolist(), lps[i, :n].tolist())
+                slot_row[i] = None
+                kept += n
+        t_h = np.asarray(t_now, np.int64)
+        stats = stats + _step_stats(cfg, s_cur, length, int(ran), kept, seconds)
+    lost = [rw.out for rw in order if results[rw.out] is None]
+    if lost:
+        raise RuntimeError(f"sampler: requests {lost[:5]} never answered")
+    return stats
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerStats:
+    """Decode work of sampler calls. slot_steps: token slots computed (rows in the program x decode
+    steps); kept_tokens: tokens returned; flops / bytes: the model's matmul work and the bytes of
+    weights and KV cache it reads over those steps (`step_cost`); decode_s: their wall time."""
+    calls: int = 0
+    decode_steps: int = 0
+    slot_steps: int = 0
+    kept_tokens: int = 0
+    decode_s: float = 0.0
+    flops: float = 0.0
+    bytes: float = 0.0
+
+    def __add__(self, other: "SamplerStats") -> "SamplerStats":
+        return SamplerStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+    @property
+    def utilisation(self) -> float:
+        """Share of the computed token slots that produced a returned token."""
+        return self.kept_tokens / self.slot_steps if self.slot_steps else 0.0
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1e3 * self.decode_s / self.decode_steps if self.decode_steps else 0.0
+
+    def floor_ms_per_step(self, flops_per_s: float, bytes_per_s: float) -> float:
+        """The mean step's floor: the larger of its FLOPs at the matmul rate and its bytes at the
+        memory bandwidth (both measured on the machine, e.g. by experiments/bench_sampler.py)."""
+        if not self.decode_steps:
+            return 0.0
+        return 1e3 * max(self.flops / flops_per_s, self.bytes / bytes_per_s) / self.decode_steps
+
+    def summary(self) -> str:
+        return (f"decode utilisation {self.utilisation:.1%} ({self.kept_tokens} kept of {self.slot_steps} "
+                f"computed token slots), {self.decode_steps} steps, {self.ms_per_step:.1f} ms/step")
+
+
+def step_cost(cfg, rows: int, cache_len: int) -> tuple[float, float]:
+    """(FLOPs, bytes read) of one decode step of `rows` rows attending over cache_len positions:
+    the weight matmuls and attention's two matmuls; every weight (embeddings: only the LM head) and
+    the K/V cache read once."""
+    hd, h, kv = cfg.head_size, cfg.hidden_size, cfg.num_kv_heads
+    per_layer = h * (cfg.num_heads + 2 * kv) * hd + cfg.num_heads * hd * h + 3 * h * cfg.intermediate_size
+    weights = cfg.num_layers * per_layer + h * cfg.vocab_size
+    flops = 2.0 * rows * weights + 4.0 * rows * cfg.num_layers * cfg.num_heads * hd * cache_len
+    cache_bytes = 2.0 * rows * cfg.num_layers * kv * hd * cache_len * jnp.dtype(cfg.dtype).itemsize
+    return flops, weights * jnp.dtype(cfg.param_dtype).itemsize + cache_bytes
+
+
+def _step_stats(cfg, rows: int, cache_len: int, steps: int, kept: int, seconds: float) -> SamplerStats:
+    flops, nbytes = step_cost(cfg, rows, cache_len)
+    return SamplerStats(0, steps, rows * steps, kept, seconds, flops * steps, nbytes * steps)
+
+
+_LAST = SamplerStats()
+_TOTAL = [SamplerStats()]
+
+
+def last_stats() -> SamplerStats:
+    """The decode work of the last generate / generate_from_prefixes call."""
+    return _LAST
+
+
+def total_stats() -> SamplerStats:
+    """The decode work of every sampler call in this process so far (a summary line can print
+    the difference of two readings)."""
+    return _TOTAL[0]
 
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_ids: Sequence[int] | None = None,
              mesh: Mesh | None = None, return_logprobs: bool = False, *,
              key_ids: Sequence[int] | None = None, sample_ids: Sequence[int] | None = None,
-             max_batch: int = DEFAULT_MAX_BATCH):
+             max_batch: int = DEFAULT_MAX_BATCH, batching: str = "continuous"):
     """Continue each prompt (a list of token ids; lengths may differ) with up to max_new_tokens ids.
 
     temperature 0 = greedy (top_p/top_k ignored); otherwise softmax(logits / temperature), then
@@ -333,7 +675,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     sample_ids = _check_ids(sample_ids, len(prompts), "sample_ids", [0] * len(prompts))
     rows = [_Row(i, i, len(p), key_ids[i], sample_ids[i]) for i, p in enumerate(prompts)]
     toks, lps = _run(model, prompts, rows, max_new_tokens, _strategy(temperature, top_p, top_k, model.cfg.vocab_size),
-                     temperature, top_p, seed, stop_ids, mesh, return_logprobs, max_batch)
+                     temperature, top_p, seed, stop_ids, mesh, return_logprobs, max_batch, batching=batching)
     return (toks, lps) if return_logprobs else toks
 
 
@@ -390,7 +732,8 @@ def generate_from_prefixes(model, prefixes: Sequence[Sequence[int]], n: int | Se
                            temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
                            stop_ids: Sequence[int] | None = None, mesh: Mesh | None = None,
                            return_logprobs: bool = False, *, key_ids: Sequence[int] | None = None,
-                           max_batch: int = DEFAULT_MAX_BATCH, stop_table: np.ndarray | None = None):
+                           max_batch: int = DEFAULT_MAX_BATCH, stop_table: np.ndarray | None = None,
+                           batching: str = "continuous"):
     """n continuations of every prefix, prefilling each distinct prefix once (a prefix contained in
     a longer one of the same call — e.g. problem + steps[:i] inside problem + steps[:i+1] — is not
     prefilled at all). Returns a list (per prefix) of n token lists (or (ids, logprobs) likewise).
@@ -409,6 +752,6 @@ def generate_from_prefixes(model, prefixes: Sequence[Sequence[int]], n: int | Se
     rows = [_Row(starts[i] + j, owner[i], len(p), key_ids[i], j) for i, p in enumerate(prefixes)
             for j in range(counts[i])]
     toks, lps = _run(model, sources, rows, max_new_tokens, _strategy(temperature, top_p, top_k, model.cfg.vocab_size),
-                     temperature, top_p, seed, stop_ids, mesh, return_logprobs, max_batch, stop_table)
+                     temperature, top_p, seed, stop_ids, mesh, return_logprobs, max_batch, stop_table, batching)
     group = lambda xs: [xs[starts[i]:starts[i + 1]] for i in range(len(prefixes))]  # noqa: E731
     return (group(toks), group(lps)) if return_logprobs else group(toks)
