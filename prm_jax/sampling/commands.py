@@ -257,6 +257,9 @@ def run_sample(args) -> int:
     if n:
         print(f"sample: accuracy {stats['correct'] / n:.3f} ({stats['correct']}/{n}), "
               f"no final answer {stats['no_answer']}, hit max-new-tokens {stats['truncated']}")
+    if todo:
+        from prm_jax.sampling.sampler import total_stats
+        print(f"sample: {total_stats().summary()}")
     return 0
 
 
@@ -322,4 +325,7 @@ def run_rollout(args) -> int:
         mean_fe = (sum(k * v for k, v in first_errors.items()) / sum(first_errors.values())) if first_errors else 0.0
         print(f"rollout: steps positive {stats['positive'] / max(stats['steps'], 1):.3f}; "
               f"solutions without an error {none}/{n}; mean first error (when one) {mean_fe:.2f}")
+    if policy:
+        from prm_jax.sampling.sampler import total_stats
+        print(f"rollout: {total_stats().summary()}")
     return 0
