@@ -112,6 +112,22 @@ CASES += [
      0, "unparseable", True),
 ]
 
+# MC's failure modes by construction: a check undoes the step just taken (a quantity the answer never
+# uses), a restart re-derives from the problem's numbers. Their truth, derived by hand.
+CASES += [
+    (["7 + 5 = 12", "Check: 12 - 5 = 7"] + RIGHT[1:], -1, None, True),
+    # a wrong check (the step repeated, not undone) is the first error although the answer is right
+    (["7 + 5 = 12", "Check: 12 + 5 = 17"] + RIGHT[1:], 1, "wrong_check", True),
+    (["Check: 7 - 5 = 2"] + RIGHT, 0, "wrong_check", True),  # nothing to check yet
+    (RIGHT[:1] + ["Check: 12 - 5 = 7. The answer is \\boxed{7}."] + RIGHT[1:], 1, "wrong_check", True),
+    # a restart after a wrong step reaches the right answer; the wrong step stays the first error
+    (["7 + 5 = 12", "12 + 3 = 15", "Start again: 7 + 5 = 12"] + RIGHT[1:], 1, "wrong_operation", True),
+    (["7 + 5 = 12", "Start again: 7 + 5 = 12"] + RIGHT[1:], -1, None, True),  # a needless restart is no error
+    (["7 + 5 = 12", "Start again: 12 - 3 = 9"] + RIGHT[2:], 1, "wrong_carry", True),  # restarts from the start
+    (["She finds 5 more apples: 7 + 5 = 13", "Start again. She finds 5 more apples: 7 + 5 = 12"] + RIGHT_SAID[1:],
+     0, "arithmetic", True),
+]
+
 
 def test_restating_world_writes_the_problem_sentences():
     assert world.write_solution(W_SAID) == RIGHT_SAID
@@ -189,6 +205,74 @@ def test_sample_solutions_and_processbench_records():
         assert set(pb) >= {"id", "generator", "problem", "steps", "final_answer_correct", "label", "world"}
         assert (pb["label"] == -1) == (s["generator"] == "toy-reference")
         assert pb["final_answer_correct"] == (s["final_answer"] == s["answer"])
+
+
+# ------------------------------------------------------------------ MC's failure modes by construction
+
+def _exact(preds, golds):
+    return [p is not None and p == g for p, g in zip(preds, golds)]
+
+
+def _mc(solutions, problems, n=4, **completer):
+    """MC labels of `solutions` (mode all, one success is enough) with the scripted completer."""
+    from prm_jax.labeling import mc
+    from prm_jax.toyworld.failures import ScriptedCompleter
+
+    labels = mc.label_solutions(solutions, ScriptedCompleter(problems, seed=1, **completer), mc.MCConfig(n=n),
+                                grade=_exact)
+    return [{**s, "mc": m} for s, m in zip(solutions, labels)]
+
+
+def test_failure_mode_settings_produce_the_intended_mc_cases():
+    """Each failure-mode share of the world, at 1, makes the labelled case it is built for, read
+    against the world's checker: a restarted solution and a wrong check reach the right answer
+    (MC: right, truth: wrong at that step), a completer that slips fails from right steps (MC: wrong,
+    truth: right). At 0 the solutions are the plain world's and MC equals the truth."""
+    from prm_jax.toyworld.failures import mc_failures
+
+    cfg = WorldConfig.tiny(max_start=9, max_operand=5, max_value=9)
+    problems = world.generate_problems(60, seed=3, cfg=cfg)
+    n_ops = {p["id"]: len(p["world"]["ops"]) for p in problems}
+
+    def truth_of(s):
+        return check_steps(s, s["steps"])
+
+    plain = world.sample_solutions(problems, seed=4, error_rate=0.5)
+    assert plain == world.sample_solutions(problems, seed=4, error_rate=0.5, restart_rate=0.0, check_rate=0.0,
+                                           slip_rate=0.0)
+    counts = mc_failures(_mc(plain, problems))
+    assert counts["agree"] == counts["n"] == len(plain) and counts["solutions_restarting"] == 0
+
+    # restarts: every injected error before the last step is followed by the solution started again
+    restarted = world.sample_solutions(problems, seed=4, error_rate=1.0, kinds=("wrong_operation",), restart_rate=1.0)
+    early = [s for s in restarted if truth_of(s).first_error < n_ops[s["id"].rpartition("-s")[0]] - 1]
+    assert early and all(s["generator"].endswith("+restart") and truth_of(s).final_answer_correct for s in early)
+    labelled = _mc(restarted, problems, restart_rate=1.0)
+    for s in labelled:  # MC says right where the truth says wrong, exactly on the restarted ones
+        assert (s["mc"]["first_error"] == -1) == (s in [dict(e, mc=s["mc"]) for e in early])
+    counts = mc_failures(labelled)
+    assert counts["wrong_step_passed"] == {"unused_quantity": 0, "rederived": len(early)}
+    assert counts["solutions_restarting"] == len(early) and counts["right_step_failed"] == 0
+
+    # checks: half the erroneous solutions carry a wrong check as their only error, the answer right
+    checked = world.sample_solutions(problems, seed=5, error_rate=0.5, check_rate=1.0)
+    wrong_checks = [s for s in checked if truth_of(s).reason == "wrong_check"]
+    assert wrong_checks and all(truth_of(s).final_answer_correct for s in wrong_checks)
+    assert all(s["generator"] == "toy-error:wrong_check" for s in wrong_checks)
+    counts = mc_failures(_mc(checked, problems))
+    assert counts["wrong_step_passed"] == {"unused_quantity": len(wrong_checks), "rederived": 0}
+    with_check = [s for s in checked if "check" in s["generator"]]  # not where an error precedes the check
+    assert all(s in with_check for s in checked if truth_of(s).first_error == -1)
+    assert counts["solutions_with_check"] == len(with_check) and counts["right_step_failed"] == 0
+
+    # a completer that always slips fails from every right step but the last: MC blames step 0
+    right = world.sample_solutions(problems, seed=6, error_rate=0.0)
+    labelled = _mc(right, problems, slip_rate=1.0)
+    assert all(s["mc"]["first_error"] == 0 and truth_of(s).first_error == -1 for s in labelled)
+    assert mc_failures(labelled)["right_step_failed"] == len(right)
+    # and the policy's training solutions carry the slip at the share asked for
+    slipped = world.sample_solutions(problems, seed=6, error_rate=0.0, slip_rate=1.0)
+    assert all(truth_of(s).first_error == n_ops[s["id"].rpartition("-s")[0]] - 1 for s in slipped)
 
 
 # ------------------------------------------------------------------ truth metrics, by hand
@@ -286,6 +370,7 @@ def test_critic_reply_parses_to_the_truth(template_name):
     template = critic.toy_judge_template() if template_name == "toy" else load_template(template_name)
     problems = world.generate_problems(40, seed=8)
     sols = world.sample_solutions(problems, seed=3, error_rate=0.7)
+    sols += world.sample_solutions(problems, seed=4, error_rate=0.7, restart_rate=0.5, check_rate=0.5, slip_rate=0.3)
     sols.append({**problems[0], "id": "free-form", "steps": ["no idea", "The answer is \\boxed{3}."]})
     for sol in sols:
         reply = critic.critic_reply(sol, sol["steps"], template.index_base, template.verdict)
@@ -293,6 +378,12 @@ def test_critic_reply_parses_to_the_truth(template_name):
         assert parse_verdict(reply, len(sol["steps"]), template.index_base, template.verdict) == want
     examples = critic.critic_examples(sols[:5], template)
     assert [e["messages"][-1]["role"] for e in examples] == ["assistant"] * 5
+    # the critic redoes each step's computation before its verdict: a check is expected to undo the step
+    reply = critic.critic_reply(W, ["7 + 5 = 12", "Check: 12 + 5 = 17"] + RIGHT[1:])
+    assert reply == ("Paragraph 0: 7 + 5 = 12, correct.\nParagraph 1: expected Check: 12 - 5 = 7; wrong check, "
+                     "incorrect.\n\\boxed{1}")
+    reply = critic.critic_reply(W, ["7 + 5 = 12", "12 + 3 = 15", "Start again: 7 + 5 = 12"] + RIGHT[1:])
+    assert reply.splitlines()[1] == "Paragraph 1: expected 12 - 3 = 9; wrong operation, incorrect."
     assert sols[0]["problem"] in examples[0]["messages"][-2]["content"]
 
 

@@ -22,7 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from prm_jax.toyworld.world import (
-    chat_messages, check_steps, format_step, parse_step, render_chat, running_values, sample_solutions, world_of,
+    chat_messages, check_steps, expected_check, format_step, parse_step, render_chat, running_values, sample_solutions,
+    world_of,
 )
 
 REASON_WORDS = {
@@ -31,6 +32,7 @@ REASON_WORDS = {
     "wrong_operation": "wrong operation",
     "wrong_operand": "wrong number",
     "arithmetic": "wrong result",
+    "wrong_check": "wrong check",
     "premature_answer": "answers too early",
     "wrong_answer": "wrong answer",
     "after_answer": "goes on after the answer",
@@ -41,17 +43,24 @@ REASON_WORDS = {
 
 
 def _expected_steps(world: Mapping[str, Any], steps: Sequence[str], upto: int) -> list[str]:
-    """What each of steps[0..upto] should say, given that the steps before it are right."""
+    """What each of steps[0..upto] should say, given that the steps before it are right: a check
+    undoes the step before it, a restart begins again at the first operation."""
     ops, values = world["ops"], running_values(world)
     done, out = 0, []
     for i in range(upto + 1):
+        parsed = parse_step(steps[i]) if i < len(steps) else None
+        is_op = parsed is not None and "op" in parsed
+        if is_op and parsed["check"]:
+            out.append(expected_check(values, ops, done) or "no check before a step")
+            continue
+        if is_op and parsed["restart"]:
+            done = 0
         if done < len(ops):
             op, b = ops[done]
             out.append(format_step(values[done], op, b, values[done + 1]))
         else:
             out.append(f"answer {values[-1]}")
-        parsed = parse_step(steps[i]) if i < len(steps) else None
-        if parsed is not None and "op" in parsed:
+        if is_op:
             done += 1
     return out
 
@@ -95,10 +104,11 @@ def critic_examples(solutions: Iterable[Mapping[str, Any]], template) -> list[di
 
 
 def critic_training_set(problems: Sequence[Mapping[str, Any]], template, seed: int = 0,
-                        error_rate: float = 0.5, per_problem: int = 1) -> list[dict[str, Any]]:
-    """Critic examples on solutions with controlled errors (about `error_rate` of them wrong)."""
+                        error_rate: float = 0.5, per_problem: int = 1, **failure_shares: float) -> list[dict[str, Any]]:
+    """Critic examples on solutions with controlled errors (about `error_rate` of them wrong);
+    `failure_shares` (restart_rate, check_rate, slip_rate) as in `world.sample_solutions`."""
     return critic_examples(sample_solutions(problems, seed=seed, error_rate=error_rate,
-                                            per_problem=per_problem), template)
+                                            per_problem=per_problem, **failure_shares), template)
 
 
 def policy_training_set(problems: Sequence[Mapping[str, Any]], seed: int = 0, error_rate: float = 0.0,

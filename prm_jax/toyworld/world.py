@@ -15,6 +15,21 @@ step first restates the sentence it applies, `He finds 5 more coins: 7 + 5 = 12`
 number a step should use can be read off the step itself; the checker reads past the restatement
 and judges the equation.
 
+MC estimation's failure modes, by construction (the paper's section 3): two kinds of step the
+reference solutions can carry, each with its share a world setting (`WorldConfig.restart_rate`,
+`check_rate`, `slip_rate`; all 0 by default, so the plain world is unchanged), which the policy
+learns from its training solutions (`sample_solutions`) and so writes itself:
+
+- a *restart* (`Start again: 7 + 5 = 12`, the whole computation re-derived from the problem's
+  numbers) right after a wrong step, so a completer that restarts reaches the right answer from
+  a wrong step: MC calls that step right, the truth wrong;
+- a *check* (`Check: 12 - 5 = 7`, the step just taken undone): a quantity the answer never uses,
+  so a wrong check (it repeats the step's operation instead of undoing it) leaves the answer
+  right: MC again calls it right;
+- a *slip* of the completer: solutions whose last step is miscomputed (share `slip_rate`), so a
+  completer that learned them fails from right steps: MC calls a right step wrong when every
+  rollout slips.
+
 Because the structured form travels with the record (`"world": {"start": 7, "ops": [["+", 5],
 ["-", 3]], ...}`), `check_steps` re-derives the running value and knows, for any free-form text
 a model writes, the true first wrong step.
@@ -58,6 +73,10 @@ OP_PHRASES = {
     "/": ("{p} splits the {all} into {n} equal piles and keeps one pile.",
           "{p} puts the {all} into {n} equal boxes and keeps one box."),
 }
+CHECK_KIND = "wrong_check"  # the error a check step can carry (not one of ERROR_KINDS: a step kind of its own)
+RESTART_SAID = "Start again"  # what a restart step says before its equation
+CHECK_SAID = "Check"  # what a check step says before its equation
+INVERSE = {"+": "-", "-": "+", "*": "/", "/": "*"}
 SYMBOLS = {"+": "+", "-": "-", "*": "*", "/": "/", "x": "*", "×": "*", "÷": "/"}
 ANSWER_TEXT = "The answer is \\boxed{{{}}}."
 
@@ -74,8 +93,15 @@ class WorldConfig:
     max_value: int = 60
     ops: tuple[str, ...] = ("+", "-", "*")
     restate: bool = False  # each solution step first restates the sentence it applies
+    # MC's failure modes (module docstring): shares in the solutions `sample_solutions` writes
+    restart_rate: float = 0.0  # of the solutions with a wrong step before the last: start again after it
+    check_rate: float = 0.0  # of the solutions: one check step (an unused quantity) after a step
+    slip_rate: float = 0.0  # of the otherwise right solutions: the last step miscomputed
 
     def __post_init__(self):
+        for name in ("restart_rate", "check_rate", "slip_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise InputError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 1 <= self.min_steps <= self.max_steps:
             raise InputError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
         if not self.ops or any(op not in OPS for op in self.ops):
@@ -232,6 +258,21 @@ def format_step(a: int, op: str, b: int, c: int, answer: int | None = None, said
     return step if said is None else f"{said.rstrip('.')}: {step}"
 
 
+def check_text(value: int, op: str, b: int, wrong: bool = False) -> str | None:
+    """The check after a step that took the running value to `value` by `op b`: `Check: value INV b =
+    before` (the step undone). `wrong`: the check repeats `op` instead of undoing it (an error in a
+    quantity the answer never uses). None when the result leaves the integers >= 0."""
+    op2 = op if wrong else INVERSE[op]
+    c = apply_op(value, op2, b)
+    return None if c is None or c < 0 else f"{CHECK_SAID}: {format_step(value, op2, b, c)}"
+
+
+def restart_steps(world: Mapping[str, Any]) -> list[str]:
+    """The reference solution re-derived from the problem's numbers, its first step marked as a restart."""
+    steps = write_solution(world)
+    return [f"{RESTART_SAID}. {steps[0]}" if world.get("restate") else f"{RESTART_SAID}: {steps[0]}"] + steps[1:]
+
+
 def _said(world: Mapping[str, Any], i: int) -> str | None:
     """What the step applying operation `i` restates: its sentence in a restating world, else nothing."""
     return op_sentence(world, i) if world.get("restate") else None
@@ -313,21 +354,24 @@ def inject_error(world: Mapping[str, Any], kind: str, step: int, rng: random.Ran
 _NUM = r"(-?\d+)"
 _BOX = r"\\boxed\{\s*" + _NUM + r"\s*\}"
 _ANSWER = r"(?:the\s+(?:final\s+)?answer\s+is\s*:?\s*)?" + _BOX
-_SAID = r"(?:[^:=\n]*:\s*)?"  # an optional restated sentence before the equation
+_SAID = r"(?:([^:=\n]*):\s*)?"  # an optional restated sentence (or Check / Start again) before the equation
 _EQ_RE = re.compile(r"^\s*" + _SAID + _NUM + r"\s*([-+*/x×÷])\s*" + _NUM + r"\s*=\s*" + _NUM
                     + r"\s*(?:[.,;:]?\s*" + _ANSWER + r")?\s*\.?\s*$", re.IGNORECASE)
 _ANSWER_RE = re.compile(r"^\s*" + _ANSWER + r"\s*\.?\s*$", re.IGNORECASE)
 
 
 def parse_step(text: str) -> dict[str, Any] | None:
-    """{"a","op","b","c","answer"} for `[restated sentence: ]a OP b = c[. The answer is \\boxed{d}.]`,
-    {"answer": d} for a bare answer statement, None for anything else. A restated sentence is not
-    checked: the equation is what the step does."""
+    """{"a","op","b","c","answer","check","restart"} for `[restated sentence: ]a OP b = c[. The answer is
+    \\boxed{d}.]`, {"answer": d} for a bare answer statement, None for anything else. A restated sentence
+    is not checked: the equation is what the step does; `Check: ...` makes it a check step, a sentence
+    starting `Start again` a restart (see the module docstring)."""
     m = _EQ_RE.match(text)
     if m:
-        a, op, b, c, ans = m.groups()
+        said, a, op, b, c, ans = m.groups()
+        said = (said or "").strip().lower()
         return {"a": int(a), "op": SYMBOLS[op.lower()], "b": int(b), "c": int(c),
-                "answer": None if ans is None else int(ans)}
+                "answer": None if ans is None else int(ans), "check": said == CHECK_SAID.lower(),
+                "restart": said.startswith(RESTART_SAID.lower())}
     m = _ANSWER_RE.match(text)
     if m:
         return {"answer": int(m.group(1))}
@@ -371,8 +415,7 @@ def check_steps(world: Mapping[str, Any], steps: Sequence[str]) -> Verdict:
         if reason is not None:
             first_error = i
             break
-        if "op" in parsed:
-            done += 1
+        done = _advance(parsed, done)
         answered = parsed["answer"] is not None
     if first_error is None and steps and not answered:
         first_error, reason = len(steps) - 1, ("missing_answer" if done == len(ops) else "unfinished")
@@ -389,6 +432,21 @@ def _int_or_none(text: str) -> int | None:
         return None
 
 
+def _advance(parsed: dict[str, Any], done: int) -> int:
+    """Operations applied after a right step: a check applies none, a restart begins again at the first."""
+    if "op" not in parsed or parsed["check"]:
+        return done
+    return 1 if parsed["restart"] else done + 1
+
+
+def expected_check(values: Sequence[int], ops, done: int) -> str | None:
+    """The check step that is right after `done` operations were applied correctly, None before any."""
+    if done == 0:
+        return None
+    op, b = ops[done - 1]
+    return check_text(values[done], op, b)
+
+
 def _step_error(parsed, done: int, ops, values, answered: bool) -> str | None:
     """Why this step is wrong given that everything before it was right, or None."""
     if parsed is None:
@@ -399,6 +457,12 @@ def _step_error(parsed, done: int, ops, values, answered: bool) -> str | None:
         if done < len(ops):
             return "premature_answer"
         return None if parsed["answer"] == values[-1] else "wrong_answer"
+    if parsed["check"]:  # right iff it undoes the step just taken, exactly, and states no answer
+        want = expected_check(values, ops, done)
+        got = f"{CHECK_SAID}: {format_step(parsed['a'], parsed['op'], parsed['b'], parsed['c'])}"
+        return None if want == got and parsed["answer"] is None else CHECK_KIND
+    if parsed["restart"]:
+        done = 0
     if done >= len(ops):
         return "extra_step"
     op, b = ops[done]
@@ -428,28 +492,60 @@ def solution_record(problem: Mapping[str, Any], steps: list[str], generator: str
 
 
 def sample_solutions(problems: Iterable[Mapping[str, Any]], seed: int = 0, error_rate: float = 0.5,
-                     kinds: Sequence[str] = ERROR_KINDS, per_problem: int = 1) -> list[dict[str, Any]]:
+                     kinds: Sequence[str] = ERROR_KINDS, per_problem: int = 1, restart_rate: float = 0.0,
+                     check_rate: float = 0.0, slip_rate: float = 0.0) -> list[dict[str, Any]]:
     """Solution records with controlled errors: each is the reference solution, or with probability
     `error_rate` one with an injected error (uniform kind and position among those that apply).
-    `generator` names what produced it ("toy-reference" or "toy-error:<kind>"); ids get "-s<j>"."""
+    `generator` names what produced it ("toy-reference" or "toy-error:<kind>"); ids get "-s<j>".
+
+    MC's failure modes (module docstring; `WorldConfig` holds their shares, all 0 draws nothing
+    more, so the same seed gives the same solutions as without them): with probability
+    `check_rate` a solution carries one check step after one of its steps before the last (half of
+    the erroneous ones: a wrong check, their only error; "+check" / "toy-error:wrong_check"); a
+    solution whose injected error sits before its last step starts again after it with probability
+    `restart_rate` ("+restart"); a right solution gets its last step miscomputed with probability
+    `slip_rate` ("toy-error:slip")."""
     rng = random.Random(seed)
     out = []
     for problem in problems:
         world = world_of(problem)
+        n_ops = len(world["ops"])
         for j in range(per_problem):
-            steps, generator = None, "toy-reference"
+            steps, generator, error_at = None, "toy-reference", None
+            check_after = rng.randrange(n_ops - 1) if check_rate and n_ops > 1 and rng.random() < check_rate else None
             if rng.random() < error_rate:
-                options = [(k, s) for k in kinds for s in range(len(world["ops"]))]
-                rng.shuffle(options)
-                for kind, step in options:
-                    steps = inject_error(world, kind, step, rng)
-                    if steps is not None:
-                        generator = f"toy-error:{kind}"
-                        break
+                if check_after is not None and rng.random() < 0.5:
+                    steps = _with_check(world, write_solution(world), check_after, wrong=True)
+                    generator = f"toy-error:{CHECK_KIND}" if steps else generator
+                    check_after = None
+                if steps is None:
+                    options = [(k, s) for k in kinds for s in range(n_ops)]
+                    rng.shuffle(options)
+                    for kind, step in options:
+                        steps = inject_error(world, kind, step, rng)
+                        if steps is not None:
+                            generator, error_at = f"toy-error:{kind}", step
+                            break
             if steps is None:
                 steps = write_solution(world)
+                if slip_rate and rng.random() < slip_rate:
+                    steps = inject_error(world, "arithmetic", n_ops - 1, rng) or steps
+                    generator = "toy-error:slip" if steps != write_solution(world) else generator
+            if error_at is not None and error_at < n_ops - 1 and restart_rate and rng.random() < restart_rate:
+                steps = steps[:error_at + 1] + restart_steps(world)
+                generator += "+restart"
+            if check_after is not None and (error_at is None or check_after < error_at):
+                steps = _with_check(world, steps, check_after, wrong=False) or steps
+                generator += "+check"
             out.append(solution_record(problem, steps, generator, f"-s{j}"))
     return out
+
+
+def _with_check(world: Mapping[str, Any], steps: list[str], after: int, wrong: bool) -> list[str] | None:
+    """`steps` with a check inserted after step `after` (a right step applying operation `after`)."""
+    values, (op, b) = running_values(world), world["ops"][after]
+    check = check_text(values[after + 1], op, b, wrong)
+    return None if check is None else steps[:after + 1] + [check] + steps[after + 1:]
 
 
 def processbench_record(solution: Mapping[str, Any]) -> dict[str, Any] | None:
