@@ -89,7 +89,7 @@ def test_scorer_batches_buckets_and_truncation_match_unbatched_reference(tiny_pr
         ref = torch_scores(problem, steps, 160)
         assert len(scores) == len(ref)
         np.testing.assert_allclose(scores, ref, atol=2e-5)
-    assert scorer.shapes_used <= {(2, 160), (4, 96)}
+    assert scorer.shapes_used <= {(2, 160), (2, 96), (4, 96)}  # buckets x row ladder: bounded
 
 
 def _rows(path):

@@ -154,9 +154,9 @@ def run_bon(scorer, responses_path: str, out_dir: str, agg: str = "product", plo
     main_host = jax.process_index() == 0
     scores_path = os.path.join(out_dir, "scores.jsonl")
     writer, todo = open_resumable_scores(scorer, out_dir, "scores.jsonl", "id", responses, lambda r: r.id)
-    score_into(scorer, writer, todo, lambda r, scores: {"id": r.id, "problem_key": r.group,
-                                                      "n_steps": len(r.steps), "step_scores": scores},
-               "bon", "response", show_progress)
+    scoring = score_into(scorer, writer, todo, lambda r, scores: {"id": r.id, "problem_key": r.group,
+                                                                "n_steps": len(r.steps), "step_scores": scores},
+                         "bon", "response", show_progress)
     if not main_host:
         return {}
     scored = {r["id"]: r["step_scores"] for r in read_jsonl(scores_path)}
@@ -188,6 +188,7 @@ def run_bon(scorer, responses_path: str, out_dir: str, agg: str = "product", plo
         "min_score_at_last_step": {"share": None if math.isnan(share) else share, "n": n_full},
         "unscored_responses": sum(not s for s in step_scores),
         "truncated_responses": sum(len(s) < len(r.steps) for s, r in zip(step_scores, responses)),
+        "scoring": scoring,  # this run's padding share, tokens and timings
     }
     with open(os.path.join(out_dir, "bon_summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)

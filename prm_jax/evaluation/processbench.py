@@ -191,7 +191,7 @@ def run_processbench(scorer, data_dir: str, out_dir: str, subsets: Sequence[str]
     writer, todo = open_resumable_scores(scorer, out_dir, "predictions.jsonl", "key", samples, lambda s: s.key)
     if main_host and len(todo) < len(samples):
         print(f"resuming: {len(samples) - len(todo)} of {len(samples)} samples already scored in {pred_path}")
-    score_into(scorer, writer, todo, lambda s, scores: prediction_row(s, scores, None if tune else threshold),
+    scoring = score_into(scorer, writer, todo, lambda s, scores: prediction_row(s, scores, None if tune else threshold),
                "processbench", "sample", show_progress)
     if not main_host:
         return {}
@@ -213,6 +213,7 @@ def run_processbench(scorer, data_dir: str, out_dir: str, subsets: Sequence[str]
 
     summary = summarize(rows, subsets, threshold, tuned_f1, tune_subset)
     summary["limit"] = limit
+    summary["scoring"] = scoring  # this run's padding share, tokens and timings (nothing scored on a full resume)
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     if plots:

@@ -1,11 +1,15 @@
-"""Batched PRM scoring of (problem, steps) pairs: the one scorer that ProcessBench, Best-of-N and
-the demo share.
+"""Batched PRM scoring of (problem, steps) pairs: the one scorer that ProcessBench, Best-of-N,
+search, the server and the demo share.
 
 Each pair is encoded exactly as in training (`encode_prm`: chat prefix, each step followed by the
 step token id), truncated at `max_length`, and the score of a step is P(class 1) at its step token.
-Inputs are sorted by length, cut into fixed-size batches and right-padded to one of a few bucket
-lengths, so a long evaluation compiles one forward per bucket, not one per batch. The batch is
-sharded over the mesh's data axes, the weights by the mesh rules.
+Inputs are sorted by length and cut into batches by a token budget (rows x bucket length), padded to
+one of a fine ladder of bucket lengths and row counts chosen to compute the fewest padding positions
+(`prm_jax.evaluation.batching`), so a long evaluation compiles a bounded set of shapes and reuses them.
+A background thread tokenizes, plans and builds the next batches while the device runs; JAX's async
+dispatch lets the next forward start before the previous one's rewards are read out. The batch is
+sharded over the mesh's data axes, the weights by the mesh rules. `PRMScorer.last_stats` reports
+the padding share and the timings of a call.
 
 Truncation cuts the tail of a solution, so the scored steps are always a prefix of the steps: a
 result shorter than the steps means the later steps' tokens were cut and those steps have no
@@ -21,6 +25,9 @@ import inspect
 import json
 import logging
 import os
+import queue
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -31,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT, encode_prm, resolve_step_token
 from prm_jax.errors import InputError
+from prm_jax.evaluation.batching import BatchRules, padding_buckets, pick_bucket, plan_batches
 from prm_jax.models.prm import step_probs
 from prm_jax.parallel.mesh import shard_batch, state_shardings
 from prm_jax.records import OutputLock, ResumableWriter
@@ -55,13 +63,6 @@ def bucket_lengths(max_length: int, min_bucket: int = 128, fine: bool = True) ->
     return tuple(out) + (max_length,)
 
 
-def pick_bucket(length: int, buckets: Sequence[int]) -> int:
-    for b in buckets:
-        if length <= b:
-            return b
-    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
-
-
 @dataclasses.dataclass(frozen=True)
 class Encoded:
     ids: tuple[int, ...]  # after truncation
@@ -84,34 +85,116 @@ def encode_item(tokenizer, problem: str, steps: Sequence[str], step_token_id: in
     return Encoded(tuple(ids[:max_length]), tuple(p for p in positions if p < max_length), len(steps))
 
 
+@dataclasses.dataclass
+class ScoringStats:
+    """What one scoring call computed and where its host time went (`PRMScorer.last_stats`)."""
+    items: int = 0
+    scored: int = 0  # items that reached the model (the rest had no step token left)
+    truncated: int = 0  # items cut at max_length
+    real_tokens: int = 0  # tokens up to each scored item's last step token: the work that was asked for
+    positions: int = 0  # rows x length summed over the forwards: the work that was done
+    batches: int = 0
+    new_shapes: int = 0  # forward shapes this call compiled
+    wall_s: float = 0.0
+    host_s: float = 0.0  # tokenizing, planning and building batches (the background thread)
+    wait_s: float = 0.0  # the caller's thread blocked on a forward's result
+
+    @property
+    def padding_share(self) -> float:
+        """Share of the computed positions that were padding (filler rows included)."""
+        return 1.0 - self.real_tokens / self.positions if self.positions else 0.0
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "padding_share": self.padding_share}
+
+    def line(self) -> str:
+        tps = self.real_tokens / self.wall_s if self.wall_s else 0.0
+        return (f"scored {self.scored} of {self.items} inputs, {self.real_tokens} tokens in {self.batches} forwards "
+                f"({self.new_shapes} new shapes), padding {100 * self.padding_share:.1f}% of {self.positions} "
+                f"positions, {self.wall_s:.2f} s ({tps:.0f} tok/s; host work {self.host_s:.2f} s in the background)")
+
+
 def _forward(graphdef, state, ids, mask):
     return step_probs(nnx.merge(graphdef, state)(ids, mask))
 
 
+def _forward_split(graphdef, state, head, ids, mask):
+    """Backbone in its own (low-precision) dtype; final hidden states to f32 for the score head and
+    the softmax, so the only bf16 rounding is inside the backbone."""
+    hidden = nnx.merge(graphdef, state)(ids, mask).astype(jnp.float32)
+    logits = jax.nn.relu(hidden @ head["w_in"] + head["b_in"]) @ head["w_out"] + head["b_out"]
+    return step_probs(logits)
+
+
 @functools.lru_cache(maxsize=16)
-def _jitted_forward(graphdef, mesh: Mesh | None):
+def _jitted_forward(graphdef, mesh: Mesh | None, split_head: bool = False):
     """One jitted forward per (model structure, mesh), shared by every scorer built on them, so
     repeated scoring (the demo, Best-of-N after ProcessBench) reuses compiled shapes. The output
     is replicated so every host can read all rows."""
     out = NamedSharding(mesh, P()) if mesh is not None else None
-    return jax.jit(functools.partial(_forward, graphdef), out_shardings=out)
+    return jax.jit(functools.partial(_forward_split if split_head else _forward, graphdef), out_shardings=out)
+
+
+SCORING_DTYPES = ("float32", "bfloat16")
+
+
+def default_scoring_dtype(platform: str | None = None) -> str:
+    """The faster of f32 and bf16 scoring at equal rankings, per platform (experiments/bench_eval.py):
+    accelerators run bf16 matmuls at several times their f32 rate; XLA:CPU here does not (see
+    BF16_ON_CPU)."""
+    platform = platform or jax.default_backend()
+    return "bfloat16" if platform in ("gpu", "tpu") or (platform == "cpu" and BF16_ON_CPU) else "float32"
+
+
+# Whether bf16 scoring beats f32 on XLA:CPU (measured by experiments/bench_eval.py; see its docstring).
+BF16_ON_CPU = False
+
+
+def _mixed_precision(prm: nnx.Module, dtype: str):
+    """(graphdef, state) of prm's backbone computing in `dtype` (matrices stored in it; vectors, i.e.
+    biases and norm scales, kept f32), and its score head's weights in f32."""
+    model_cfg = prm.model.cfg.replace(dtype=dtype, param_dtype=dtype)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: type(prm.model)(model_cfg, nnx.Rngs(0))))
+    low = jnp.dtype(dtype)
+    state = jax.tree.map(lambda x: x.astype(low) if x.ndim >= 2 else x.astype(jnp.float32), nnx.state(prm.model))
+    f32 = lambda p: p[...].astype(jnp.float32)  # noqa: E731
+    head = {"w_in": f32(prm.score.dense_in.kernel), "b_in": f32(prm.score.dense_in.bias),
+            "w_out": f32(prm.score.dense_out.kernel), "b_out": f32(prm.score.dense_out.bias)}
+    return graphdef, state, head
+
+
+def _sumsq(state) -> float:
+    return float(jax.jit(lambda st: sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(st)))(state))
+
+
+def _chunks(n: int, first: int = 128, most: int = 4096) -> Iterator[range]:
+    """Index ranges to encode and plan together: small first (the device starts early), then
+    doubling (sorting across more inputs pads less)."""
+    start, size = 0, first
+    while start < n:
+        yield range(start, min(n, start + size))
+        start, size = start + size, min(most, size * 2)
+
+
+_DONE = object()
 
 
 class PRMScorer:
     """Scores (problem, steps) pairs with a PRM; build once, call `score` / `iter_scores` many times
-    (the jitted forward and its compiled bucket shapes are kept)."""
+    (the jitted forward and its compiled shapes are kept)."""
 
     def __init__(self, prm: nnx.Module, tokenizer, *, step_token: str | int = DEFAULT_STEP_TOKEN,
                  batch_size: int = 32, max_length: int = 4096, buckets: Sequence[int] | None = None,
                  mesh: Mesh | None = None, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-                 tokens_per_batch: int | None = None):
-        """`batch_size` rows per forward; with `tokens_per_batch` set, a bucket of length L gets
-        min(batch_size, tokens_per_batch // L) rows (at least one per data shard), so a large
-        batch_size serves short inputs while long ones still fit in memory. One shape per bucket."""
+                 tokens_per_batch: int | None = None, compute_dtype: str | None = None):
+        """`batch_size` rows per forward at most; with `tokens_per_batch`, rows x bucket length at most
+        (long buckets get fewer rows, at least one per data shard). `compute_dtype` "bfloat16" runs the
+        backbone's matmuls in bf16 (weights cast once), with attention softmax, norms, the score head
+        and its softmax in f32; None or "float32" scores in the model's own dtype."""
         self.tokenizer = tokenizer
         self.step_token_id = resolve_step_token(tokenizer, step_token)
         self.max_length = max_length
-        self.buckets = tuple(sorted(buckets)) if buckets else bucket_lengths(max_length)
+        self.buckets = tuple(sorted(buckets)) if buckets else padding_buckets(max_length)
         if self.buckets[-1] < max_length:
             raise ValueError(f"largest bucket {self.buckets[-1]} is below max_length {max_length}")
         self.mesh = mesh
@@ -121,83 +204,153 @@ class PRMScorer:
         self.shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
         self.batch_size = self._round(batch_size)
         self.tokens_per_batch = tokens_per_batch
-        graphdef, state = nnx.split(prm)
+        self.rules = BatchRules(self.buckets, self.batch_size, tokens_per_batch, self.shards)
+        if compute_dtype not in (None, *SCORING_DTYPES):
+            raise InputError(f"compute_dtype={compute_dtype!r}: expected one of {', '.join(SCORING_DTYPES)}")
+        model_dtype = str(jnp.dtype(prm.cfg.dtype)) if hasattr(prm, "cfg") else "float32"
+        self.compute_dtype = compute_dtype or model_dtype
+        self._sumsq: float | None = None
+        if self.compute_dtype != model_dtype:
+            self._sumsq = _sumsq(nnx.state(prm))  # of the weights as given, before the cast
+            graphdef, state, head = _mixed_precision(prm, self.compute_dtype)
+            self._head = head if mesh is None else jax.device_put(head, NamedSharding(mesh, P()))
+        else:
+            graphdef, state = nnx.split(prm)
+            self._head = None
         if mesh is not None:  # no-op when the model was already created or loaded sharded
             state = jax.device_put(state, state_shardings(state, mesh))
-        self._fwd = _jitted_forward(graphdef, mesh)
+        self._fwd = _jitted_forward(graphdef, mesh, self._head is not None)
         self.state = state
         self.shapes_used: set[tuple[int, int]] = set()  # (rows, length) of the forwards run
+        self.last_stats = ScoringStats()  # of the latest score / iter_scores call
 
     def _round(self, rows: int) -> int:
         return max(1, -(-rows // self.shards)) * self.shards
 
     def rows_for(self, length: int) -> int:
-        """Rows per batch for the bucket `length`."""
-        if self.tokens_per_batch is None:
-            return self.batch_size
-        fit = (self.tokens_per_batch // length) // self.shards * self.shards
-        return min(self.batch_size, max(self.shards, fit))
+        """Rows per batch at most for the bucket `length`."""
+        return self.rules.rows_for(length)
 
     def fingerprint(self) -> dict:
-        """What the scores depend on: encoding settings and a checksum of the weights (sum of squares,
-        compared with a relative tolerance since reduction order varies with the mesh)."""
-        sumsq = jax.jit(lambda st: sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(st)))
+        """What the scores depend on: encoding settings, the compute dtype and a checksum of the weights
+        (sum of squares, compared with a relative tolerance since reduction order varies with the mesh)."""
+        if self._sumsq is None:
+            self._sumsq = _sumsq(self.state)
         return {"max_length": self.max_length, "step_token_id": self.step_token_id,
-                "system_prompt": self.system_prompt, "param_sumsq": float(sumsq(self.state))}
+                "system_prompt": self.system_prompt, "compute_dtype": self.compute_dtype,
+                "param_sumsq": self._sumsq}
 
     def encode(self, problem: str, steps: Sequence[str]) -> Encoded:
         return encode_item(self.tokenizer, problem, steps, self.step_token_id, self.max_length, self.system_prompt)
 
+    def _forward(self, ids: np.ndarray, mask: np.ndarray):
+        batch = shard_batch((ids, mask), self.mesh)
+        if self._head is None:
+            return self._fwd(self.state, *batch)
+        return self._fwd(self.state, self._head, *batch)
+
+    def _produce(self, items: Sequence[Item], out: queue.Queue, stop: threading.Event, stats: ScoringStats) -> None:
+        """Background thread: encode items a chunk at a time, plan each chunk's batches and build their
+        arrays, so the caller's thread only dispatches forwards and reads results."""
+        def put(x) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(x, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        try:
+            for chunk in _chunks(len(items)):
+                t = time.perf_counter()
+                encoded, empty = {}, []
+                for i in chunk:
+                    enc = self.encode(*items[i])
+                    stats.truncated += enc.truncated
+                    if enc.step_positions:
+                        encoded[i] = enc
+                    else:  # no step token left after truncation (or no steps): nothing to read out
+                        empty.append(i)
+                index = list(encoded)
+                # Only the part up to the last surviving step token influences a score; drop the rest.
+                lengths = [encoded[i].step_positions[-1] + 1 for i in index]
+                plan = plan_batches(lengths, self.rules)
+                stats.host_s += time.perf_counter() - t
+                if empty and not put(("empty", empty)):
+                    return
+                for b in plan:
+                    t = time.perf_counter()
+                    ids = np.full((b.rows, b.length), self.pad_id, np.int32)
+                    mask = np.zeros((b.rows, b.length), np.int32)
+                    mask[:, 0] = 1  # filler rows attend to one token, so no row is fully masked
+                    rows = []
+                    for r, j in enumerate(b.items):
+                        enc, n = encoded[index[j]], lengths[j]
+                        ids[r, :n] = enc.ids[:n]
+                        mask[r, :n] = 1
+                        rows.append((index[j], list(enc.step_positions)))
+                    stats.real_tokens += sum(lengths[j] for j in b.items)
+                    stats.positions += b.positions
+                    stats.host_s += time.perf_counter() - t
+                    if not put(("batch", rows, ids, mask)):
+                        return
+            put(_DONE)
+        except BaseException as e:  # noqa: BLE001 -- raised again in the caller's thread
+            put(e)
+
     def iter_scores(self, items: Sequence[Item], progress: Callable[[int], None] | None = None
                     ) -> Iterator[tuple[int, list[float]]]:
-        """Yield (index into items, step scores) as batches finish, longest inputs first.
-        `progress(n)` is called with the number of items finished since the last call."""
-        encoded = [self.encode(problem, steps) for problem, steps in items]
-        order = []
-        for i, enc in enumerate(encoded):
-            if enc.step_positions:
-                order.append(i)
-            else:  # no step token left after truncation (or no steps): nothing to read out
-                yield i, []
-                if progress:
-                    progress(1)
-        cut = sum(e.truncated for e in encoded)
-        if cut:
-            empty = sum(bool(e.n_steps) and not e.step_positions for e in encoded)
-            log.warning("%d of %d inputs exceed max_length=%d: their later steps get no score (%d get none at all)",
-                        cut, len(encoded), self.max_length, empty)
-        # Only the part up to the last surviving step token influences a score; drop the rest.
-        lengths = {i: encoded[i].step_positions[-1] + 1 for i in order}
-        order.sort(key=lambda i: -lengths[i])
+        """Yield (index into items, step scores) as batches finish (longest first within each chunk of
+        inputs). `progress(n)` is called with the number of items finished since the last call.
+        `self.last_stats` describes the call (padding share, timings) once it is exhausted."""
+        stats = self.last_stats = ScoringStats(items=len(items))
+        start = time.perf_counter()
+        feed: queue.Queue = queue.Queue(maxsize=4)  # batches built ahead of the device
+        stop = threading.Event()
+        producer = threading.Thread(target=self._produce, args=(items, feed, stop, stats), daemon=True,
+                                    name="prm-scoring-host")
+        producer.start()
+
         def read(pending):  # device -> host for a dispatched batch
             rows, probs = pending
+            t = time.perf_counter()
             probs = np.asarray(jax.device_get(probs))
-            return [(i, probs[r, list(encoded[i].step_positions)].astype(float).tolist()) for r, i in enumerate(rows)]
+            stats.wait_s += time.perf_counter() - t
+            return [(i, probs[r, positions].astype(float).tolist()) for r, (i, positions) in enumerate(rows)]
 
-        pending, start = None, 0
-        while start < len(order):
-            length = pick_bucket(lengths[order[start]], self.buckets)  # the longest row of the batch
-            rows_n = self.rows_for(length)
-            rows = order[start:start + rows_n]
-            start += rows_n
-            ids = np.full((rows_n, length), self.pad_id, np.int32)
-            mask = np.zeros((rows_n, length), np.int32)
-            mask[:, 0] = 1  # filler rows attend to one token, so no row is fully masked
-            for r, i in enumerate(rows):
-                n = lengths[i]
-                ids[r, :n] = encoded[i].ids[:n]
-                mask[r, :n] = 1
-            if (rows_n, length) not in self.shapes_used:
-                self.shapes_used.add((rows_n, length))
-                log.info("PRM forward shape: batch %d x length %d", rows_n, length)
-            # Dispatch this batch before reading the previous one, so the host's padding and the
-            # caller's writing overlap the device's work.
-            dispatched = (rows, self._fwd(self.state, *shard_batch((ids, mask), self.mesh)))
+        pending = None
+        try:
+            while (msg := feed.get()) is not _DONE:
+                if isinstance(msg, BaseException):
+                    raise msg
+                if msg[0] == "empty":
+                    yield from self._finish([(i, []) for i in msg[1]], progress)
+                    continue
+                _, rows, ids, mask = msg
+                if ids.shape not in self.shapes_used:
+                    self.shapes_used.add(ids.shape)
+                    stats.new_shapes += 1
+                    log.info("PRM forward shape: batch %d x length %d", *ids.shape)
+                # Dispatch this batch before reading the previous one, so reading out rewards and the
+                # caller's writing overlap the device's work (JAX dispatches asynchronously).
+                dispatched = (rows, self._forward(ids, mask))
+                stats.batches += 1
+                stats.scored += len(rows)
+                if pending is not None:
+                    yield from self._finish(read(pending), progress)
+                pending = dispatched
             if pending is not None:
                 yield from self._finish(read(pending), progress)
-            pending = dispatched
-        if pending is not None:
-            yield from self._finish(read(pending), progress)
+        finally:
+            stop.set()
+            producer.join()
+        stats.wall_s = time.perf_counter() - start
+        if stats.truncated:
+            log.warning("%d of %d inputs exceed max_length=%d: their later steps get no score (%d get none at all)",
+                        stats.truncated, stats.items, self.max_length, stats.items - stats.scored)
+        if stats.items:
+            log.info("%s", stats.line())
 
     @staticmethod
     def _finish(results, progress):
@@ -215,12 +368,12 @@ class PRMScorer:
 def score_steps(prm: nnx.Module, tokenizer, items: Sequence[Item], batch_size: int = 32, max_length: int = 4096,
                 mesh: Mesh | None = None, *, step_token: str | int = DEFAULT_STEP_TOKEN,
                 buckets: Sequence[int] | None = None, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-                tokens_per_batch: int | None = None) -> list[list[float]]:
+                tokens_per_batch: int | None = None, compute_dtype: str | None = None) -> list[list[float]]:
     """Step scores P(correct) for every (problem, steps) pair, in input order; a list shorter than
     the steps means the later steps were truncated away (see the module docstring)."""
     scorer = PRMScorer(prm, tokenizer, step_token=step_token, batch_size=batch_size, max_length=max_length,
                        buckets=buckets, mesh=mesh, system_prompt=system_prompt,
-                       tokens_per_batch=tokens_per_batch)
+                       tokens_per_batch=tokens_per_batch, compute_dtype=compute_dtype)
     return scorer.score(items)
 
 
@@ -254,6 +407,8 @@ def check_resume(scorer: PRMScorer, out_dir: str, name: str = "scoring.json") ->
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             before = json.load(f)
+        # an OUT written before scoring had a compute dtype was scored in f32
+        before.setdefault("compute_dtype", "float32")
         diff = [k for k in now if k != "param_sumsq" and before.get(k) != now[k]]
         b = before.get("param_sumsq")
         if b is None or abs(b - now["param_sumsq"]) > 1e-4 * max(abs(b), 1e-12):
@@ -290,9 +445,10 @@ def open_resumable_scores(scorer: PRMScorer, out_dir: str, name: str, key: str, 
 
 
 def score_into(scorer: PRMScorer, writer: ResumableWriter | None, todo: Sequence, row_of: Callable,
-               desc: str, unit: str, show_progress: bool = True) -> None:
+               desc: str, unit: str, show_progress: bool = True) -> dict:
     """Score `todo` (items with .problem and .steps) and write `row_of(item, scores)` as each
-    finishes (host 0 writes; every host scores), with a progress bar; closes the writer."""
+    finishes (host 0 writes; every host scores), with a progress bar; closes the writer. Returns the
+    run's scoring stats (padding share, tokens, timings) for its summary."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), desc=desc, unit=unit, disable=not (show_progress and writer is not None))
@@ -304,3 +460,7 @@ def score_into(scorer: PRMScorer, writer: ResumableWriter | None, todo: Sequence
         bar.close()
         if writer:
             writer.close()
+    stats = scorer.last_stats.as_dict()
+    if todo and writer is not None:
+        print(f"{desc}: {scorer.last_stats.line()}")
+    return stats
