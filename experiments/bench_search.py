@@ -29,8 +29,8 @@ import torch
 from flax import nnx
 
 from prm_jax.data.prm_format import DEFAULT_SYSTEM_PROMPT, encode_prm
-from prm_jax.labeling.grading import extract_answer
-from prm_jax.labeling.steps import policy_prompt_ids, split_steps
+from prm_jax.grading import extract_answer
+from prm_jax.data.steps import policy_prompt_ids, split_steps
 from prm_jax.models.hf import load_causal_lm, load_prm, save_hf
 from prm_jax.models.prm import Qwen2PRM
 from prm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM

@@ -43,7 +43,7 @@ def main() -> None:
 
 def context_ids(tok, sol: dict, k: int) -> list[int]:
     """The policy's prompt and the solution's steps before step k, as the policy continues them."""
-    from prm_jax.labeling.steps import STEP_SEPARATOR, join_steps, policy_prompt_ids
+    from prm_jax.data.steps import STEP_SEPARATOR, join_steps, policy_prompt_ids
 
     prefix = join_steps(sol["steps"][:k]) + STEP_SEPARATOR if k else ""
     return policy_prompt_ids(tok, sol["problem"]) + tok(prefix, add_special_tokens=False)["input_ids"]
@@ -89,7 +89,7 @@ def greedy_verifier(model, tok, heldout: list[dict]) -> None:
     from tqdm import tqdm
 
     from prm_jax.labeling.mc import default_stop_ids
-    from prm_jax.labeling.steps import STEP_SEPARATOR
+    from prm_jax.data.steps import STEP_SEPARATOR
     from prm_jax.toyworld.truth import baseline_f1, processbench_f1
     from prm_jax.toyworld.world import parse_step
 

@@ -23,7 +23,7 @@ from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT
 from prm_jax.errors import InputError
 from prm_jax.evaluation.metrics import AGGREGATIONS, aggregate
 from prm_jax.evaluation.scoring import PRMScorer
-from prm_jax.labeling.steps import split_steps
+from prm_jax.data.steps import split_steps
 
 AGG_ALIASES = {"prod": "product"}
 STEP_SPLITS = ("blank-line", "newline")  # or any literal separator string
@@ -39,7 +39,7 @@ def agg_name(agg: str) -> str:
 
 
 def step_splitter(spec: str = "blank-line") -> Callable[[str], list[str]]:
-    """How a completion becomes steps: `blank-line` (the project's convention, labeling.steps),
+    """How a completion becomes steps: `blank-line` (the project's convention, data.steps),
     `newline` (one step a line), or any other string taken as a literal separator. Steps are
     stripped and empty ones dropped."""
     if spec == "blank-line":

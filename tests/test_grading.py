@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from prm_jax.labeling.grading import (Grader, extract_answer, fallback_equivalent, is_equivalent, last_boxed,
+from prm_jax.grading import (Grader, extract_answer, fallback_equivalent, is_equivalent, last_boxed,
                                       normalize_answer)
 
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from prm_jax.labeling.grading import is_equivalent
+from prm_jax.grading import is_equivalent
 from prm_jax.labeling.mc import MCConfig, hard_labels, label_solutions, max_probes, soft_labels
 
 N = 8

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from prm_jax.labeling.grading import Grader
-from prm_jax.labeling.steps import policy_prompt_ids, split_steps
+from prm_jax.grading import Grader
+from prm_jax.data.steps import policy_prompt_ids, split_steps
 from prm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from prm_jax.sampling import sampler
 from prm_jax.search import answers, policy as search_policy

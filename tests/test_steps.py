@@ -2,7 +2,7 @@
 import pytest
 
 from prm_jax.data.prm_format import DEFAULT_SYSTEM_PROMPT
-from prm_jax.labeling.steps import (join_steps, policy_prompt_ids, rollout_prefix_ids, rollout_prefix_text,
+from prm_jax.data.steps import (join_steps, policy_prompt_ids, rollout_prefix_ids, rollout_prefix_text,
                                     split_steps)
 
 

@@ -246,7 +246,7 @@ def _from_gsm8k(line: Line) -> dict[str, Any]:
 
 
 def _from_math(line: Line) -> dict[str, Any]:
-    from prm_jax.labeling.grading import last_boxed
+    from prm_jax.grading import last_boxed
 
     problem = line.get("problem", str)
     solution = line.record.get("solution")

@@ -71,7 +71,7 @@ def load_responses(path: str) -> list[Response]:
         if "final_answer" in line.record:
             final = line.get("final_answer", (str, int, float, type(None)))
         else:  # not extracted by the sampler: extract from the solution text
-            from prm_jax.labeling.grading import extract_answer
+            from prm_jax.grading import extract_answer
             final = extract_answer("\n\n".join(steps))
         group, k = group_of(line.record)
         out.append(Response(rid, group, k, problem, str(answer), tuple(steps),
@@ -143,7 +143,7 @@ def run_bon(scorer, responses_path: str, out_dir: str, agg: str = "product", plo
     import jax
 
     from prm_jax.evaluation.scoring import open_resumable_scores, score_into
-    from prm_jax.labeling.grading import grade_many, normalize_answer
+    from prm_jax.grading import grade_many, normalize_answer
 
     if agg not in metrics.AGGREGATIONS:
         raise InputError(f"--agg {agg!r}: expected one of {', '.join(metrics.AGGREGATIONS)}")

@@ -37,7 +37,7 @@ import yaml
 from tqdm import tqdm
 
 from prm_jax.errors import InputError
-from prm_jax.labeling.grading import last_boxed
+from prm_jax.grading import last_boxed
 from prm_jax.records import RecordError, ResumableWriter, iter_lines, write_jsonl
 
 VERDICT_STYLES = ("conclusion", "boxed", "auto")

@@ -38,8 +38,8 @@ from typing import Any
 
 from prm_jax.data.prm_format import DEFAULT_SYSTEM_PROMPT
 from prm_jax.errors import InputError
-from prm_jax.labeling import grading
-from prm_jax.labeling.steps import join_steps, policy_prompt_ids, rollout_prefix_ids
+from prm_jax import grading
+from prm_jax.data.steps import join_steps, policy_prompt_ids, rollout_prefix_ids
 
 MODES = ("all", "first-error", "binary")
 
@@ -220,7 +220,7 @@ def soft_labels(mc: dict[str, Any]) -> list[float | None]:
 @dataclasses.dataclass
 class SamplerPolicy:
     """`Policy` on top of `prm_jax.sampling.sampler.generate_from_prefixes`: each request's
-    prefix (chat prompt + steps + "\\n\\n", see labeling.steps) is prefilled once and continued
+    prefix (chat prompt + steps + "\\n\\n", see data.steps) is prefilled once and continued
     n times. Rollout j of request "sid/i" draws from the random stream (seed, stable_key_id(key), j)
     (the sampler's key_ids/sample_ids), so it does not depend on batching: a resumed or
     re-batched run draws the same samples."""

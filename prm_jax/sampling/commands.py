@@ -199,9 +199,9 @@ def _system(args) -> str | None:
 # -- sample ---------------------------------------------------------------------------------------------
 
 def run_sample(args) -> int:
-    from prm_jax.labeling.grading import Grader, extract_answer
+    from prm_jax.grading import Grader, extract_answer
     from prm_jax.labeling.mc import default_stop_ids, stable_key_id
-    from prm_jax.labeling.steps import policy_prompt_ids, split_steps
+    from prm_jax.data.steps import policy_prompt_ids, split_steps
     from prm_jax.models.hf import load_tokenizer
     from prm_jax.records import ResumableWriter, process_shard
 
@@ -266,9 +266,9 @@ def run_sample(args) -> int:
 # -- rollout --------------------------------------------------------------------------------------------
 
 def run_rollout(args) -> int:
-    from prm_jax.labeling.grading import Grader
+    from prm_jax.grading import Grader
     from prm_jax.labeling.mc import MCConfig, SamplerPolicy, hard_labels, label_solutions
-    from prm_jax.labeling.steps import rollout_prefix_ids
+    from prm_jax.data.steps import rollout_prefix_ids
     from prm_jax.models.hf import load_tokenizer
     from prm_jax.records import ResumableWriter, process_shard
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from prm_jax.evaluation import metrics
-from prm_jax.labeling.grading import normalize_answer
+from prm_jax.grading import normalize_answer
 
 AGGREGATIONS = ("last", "min", "prod")
 _METRIC_NAME = {"last": "last", "min": "min", "prod": "product"}

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from prm_jax.labeling.steps import split_steps
+from prm_jax.data.steps import split_steps
 from prm_jax.search.answers import aggregate
 from prm_jax.search.policy import Request, Stepper, node_key
 from prm_jax.search.strategies import Node, SearchConfig, Strategy, make_strategy

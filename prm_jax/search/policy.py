@@ -1,7 +1,7 @@
 """The policy side of search: extend partial solutions by one step with the JAX sampler.
 
 A step ends where the policy writes the step delimiter ("\\n\\n", the blank line that
-prm_jax.labeling.steps splits solutions on), as a stop string: the sampler matches it over the
+prm_jax.data.steps splits solutions on), as a stop string: the sampler matches it over the
 tokens' texts (sampler.stop_string_table), so ".\\n\\n" in one Qwen token and "\\n" + "\\n" in two
 both end a step. A solution's steps are always re-read from its whole decoded text with
 `split_steps`, so text a stop token carries after the blank line simply opens the next step.
@@ -18,7 +18,7 @@ import functools
 from collections.abc import Sequence
 
 from prm_jax.labeling.mc import default_stop_ids, stable_key_id
-from prm_jax.labeling.steps import STEP_SEPARATOR
+from prm_jax.data.steps import STEP_SEPARATOR
 from prm_jax.sampling.sampler import generate_from_prefixes, stop_string_table
 
 FINISH_EOS, FINISH_LENGTH = "eos", "length"

@@ -27,8 +27,8 @@ from typing import Any
 
 from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT
 from prm_jax.errors import InputError
-from prm_jax.labeling.grading import Grader, extract_answer
-from prm_jax.labeling.steps import STEP_SEPARATOR, policy_prompt_ids, split_steps
+from prm_jax.grading import Grader, extract_answer
+from prm_jax.data.steps import STEP_SEPARATOR, policy_prompt_ids, split_steps
 from prm_jax.records import ResumableWriter, read_jsonl
 from prm_jax.search.answers import AGGREGATIONS, pick_answers
 from prm_jax.search.engine import Problem, run_problems

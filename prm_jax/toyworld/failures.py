@@ -17,7 +17,7 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from prm_jax.labeling.steps import join_steps
+from prm_jax.data.steps import join_steps
 from prm_jax.toyworld.world import (
     CHECK_KIND, apply_op, check_steps, format_step, parse_step, restart_steps, world_of,
 )

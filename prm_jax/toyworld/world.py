@@ -54,8 +54,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from prm_jax.errors import InputError
-from prm_jax.labeling import grading
-from prm_jax.labeling.steps import join_steps
+from prm_jax import grading
+from prm_jax.data.steps import join_steps
 
 OPS = ("+", "-", "*", "/")
 ERROR_KINDS = ("arithmetic", "wrong_operand", "wrong_operation", "wrong_carry", "skipped_step")
