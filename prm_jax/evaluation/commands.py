@@ -6,6 +6,7 @@ import logging
 
 from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT
 from prm_jax.flags import input_file, model_dir, nonneg_int, positive_int
+from prm_jax.parallel.mesh import add_distributed_flags
 
 
 def load_model(path: str, mesh, dtype: str | None):
@@ -49,6 +50,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="the system prompt the PRM was trained with ('' for none; default: Qwen2.5-Math's CoT prompt)")
     p.add_argument("--dtype", default=None, help="compute dtype (e.g. bfloat16); default: the checkpoint's")
     p.add_argument("--no-plots", action="store_true")
+    add_distributed_flags(p)
 
 
 def register(subparsers) -> None:
@@ -79,7 +81,7 @@ def _scorer(args):
     from prm_jax.evaluation.scoring import PRMScorer
     from prm_jax.parallel.mesh import initialize_distributed, make_mesh
 
-    initialize_distributed()
+    initialize_distributed(args)
     mesh = make_mesh(args.mesh)
     prm = load_model(args.prm, mesh, args.dtype)
     tokenizer = load_tokenizer(args.tokenizer or args.prm)

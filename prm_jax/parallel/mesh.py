@@ -7,9 +7,12 @@ dropped (replicated) rather than failing, so tiny test models run on any mesh.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -17,7 +20,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from prm_jax.errors import InputError
+from prm_jax.errors import InputError, RunError
+from prm_jax.flags import nonneg_int, positive_int
+
+log = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -141,13 +147,87 @@ def create_sharded(ctor: Callable[[], nnx.Module], mesh: Mesh | None, rules=RULE
     return nnx.merge(graphdef, init())
 
 
-def initialize_distributed() -> tuple[int, int]:
-    """Call jax.distributed.initialize on multi-host runs (TPU pods, multi-node GPU).
+# The standard environment of a multi-process run (read by jax.distributed.initialize too).
+DIST_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+# Variables by which JAX's cluster auto-detection recognises a TPU pod slice or a SLURM allocation.
+CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID")
 
-    On TPU the coordinator is discovered automatically; elsewhere set JAX_COORDINATOR_ADDRESS,
-    JAX_NUM_PROCESSES and JAX_PROCESS_ID. Single-host runs are left alone.
-    Returns (process_index, process_count)."""
-    multi = any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID"))
-    if multi and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+
+def add_distributed_flags(parser) -> None:
+    """--coordinator / --num-processes / --process-id, the one way every computing stage starts a multi-process run."""
+    g = parser.add_argument_group(
+        "multi-process run (jax.distributed)",
+        "every process runs the same command with its own --process-id; without these flags the standard "
+        f"environment ({', '.join(DIST_ENV)}) is read, else JAX's cluster auto-detection (TPU pod slices, SLURM)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", type=_host_port, default=None,
+                   help="address of process 0's coordination service (the same on every process)")
+    g.add_argument("--num-processes", metavar="N", type=positive_int, default=None, help="processes in the run")
+    g.add_argument("--process-id", metavar="I", type=nonneg_int, default=None, help="this process, 0..N-1")
+
+
+def _host_port(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. 10.0.0.2:8476), got {text!r}")
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSpec:
+    """How this process joins a run: explicit (flags or environment), or `auto` (JAX's cluster detection)."""
+    source: str  # "flags" | "environment" | "auto"
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+def distributed_spec(args: Any = None, environ: Mapping[str, str] | None = None) -> DistributedSpec | None:
+    """The flags if any is given, else the JAX_* environment, else `auto` on a TPU pod / SLURM job, else None
+    (one process). A partial or inconsistent spec is an InputError naming what is missing or wrong."""
+    environ = os.environ if environ is None else environ
+    flags = {k: getattr(args, k, None) for k in ("coordinator", "num_processes", "process_id")}
+    if any(v is not None for v in flags.values()):
+        missing = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is None]
+        if missing:
+            raise InputError(f"a multi-process run needs --coordinator, --num-processes and --process-id "
+                             f"together; missing {', '.join(missing)}")
+        spec = DistributedSpec("flags", flags["coordinator"], flags["num_processes"], flags["process_id"])
+    elif environ.get("JAX_COORDINATOR_ADDRESS"):
+        values = {}
+        for key in DIST_ENV[1:]:
+            text = environ.get(key, "")
+            if not text.strip().isdigit():
+                raise InputError(f"JAX_COORDINATOR_ADDRESS is set, so {key} must be a non-negative integer; "
+                                 f"got {text!r}")
+            values[key] = int(text)
+        spec = DistributedSpec("environment", environ["JAX_COORDINATOR_ADDRESS"], values["JAX_NUM_PROCESSES"],
+                               values["JAX_PROCESS_ID"])
+    elif any(environ.get(k) for k in CLUSTER_ENV):
+        return DistributedSpec("auto")
+    else:
+        return None
+    if spec.num_processes < 1 or not 0 <= spec.process_id < spec.num_processes:
+        raise InputError(f"process id {spec.process_id} (from {spec.source}) must be in 0..{spec.num_processes - 1}")
+    return spec
+
+
+def initialize_distributed(args: Any = None) -> tuple[int, int]:
+    """Join a multi-process run through jax.distributed.initialize, as `distributed_spec` says; a run of one
+    process is left alone. Must come before anything touches a JAX device. On CPU the processes talk through
+    JAX's CPU collectives (gloo), so N processes on one machine form one mesh over all their devices.
+    Idempotent (a second stage in the same process reuses the first's runtime). Returns
+    (process_index, process_count)."""
+    spec = distributed_spec(args)
+    if spec is not None and spec.num_processes != 1 and not jax.distributed.is_initialized():
+        if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")  # no effect on GPU/TPU devices
+        try:
+            jax.distributed.initialize(coordinator_address=spec.coordinator, num_processes=spec.num_processes,
+                                       process_id=spec.process_id)
+        except Exception as e:  # a coordinator that never answers, a port in use, a bad cluster environment
+            where = f"coordinator {spec.coordinator}" if spec.coordinator else "JAX's cluster auto-detection"
+            raise RunError(f"could not join the multi-process run ({spec.source}, {where}): "
+                           f"{' '.join(str(e).split())[:300]}") from e
+        log.info("process %d of %d (%s): %d local devices, %d in all", jax.process_index(), jax.process_count(),
+                 spec.source, jax.local_device_count(), jax.device_count())
     return jax.process_index(), jax.process_count()

@@ -21,6 +21,7 @@ from prm_jax.data.prm_format import DEFAULT_SYSTEM_PROMPT
 from prm_jax.errors import InputError
 from prm_jax.flags import (add_allow_empty, input_file, model_dir, nonneg_float, nonneg_int, positive_float,
                             positive_int, require_records, top_p)
+from prm_jax.parallel.mesh import add_distributed_flags
 from prm_jax.records import RecordError, iter_lines
 
 PROBLEM_FORMATS = ("auto", "records", "gsm8k", "math")
@@ -78,6 +79,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grade-timeout", type=positive_float, default=5.0, help="seconds of math-verify per answer")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_allow_empty(p)
+    add_distributed_flags(p)
 
 
 # -- input ------------------------------------------------------------------------------------------
@@ -155,7 +157,7 @@ def _setup(args):
     from prm_jax.parallel.mesh import initialize_distributed, make_mesh
     from prm_jax.records import part_path
 
-    pidx, pcount = initialize_distributed()
+    pidx, pcount = initialize_distributed(args)
     mesh = None
     if args.mesh or pcount > 1:
         mesh = make_mesh(args.mesh, devices=jax.local_devices())

@@ -134,7 +134,8 @@ def restore_newest(ckpt: Checkpointer, restore: Callable[[int], T], steps: list[
 def abstract_like(tree: Any, shardings: Any | None = None) -> Any:
     """ShapeDtypeStructs (with shardings when given) for a tree of arrays or ShapeDtypeStructs."""
     if shardings is None:
-        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        # this process's first device: jax.devices()[0] belongs to process 0 in a multi-process run
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), tree)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 

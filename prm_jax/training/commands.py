@@ -8,6 +8,7 @@ import os
 import yaml
 
 from prm_jax.errors import InputError
+from prm_jax.parallel.mesh import add_distributed_flags, initialize_distributed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,12 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set steps=100 --set lr=2e-6 --set mesh=data=2,fsdp=4")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_distributed_flags(p)
     p.set_defaults(func=run_train)
 
     e = sub.add_parser("export", help="write the Hugging Face layout of a saved checkpoint step")
     e.add_argument("--checkpoint", required=True, help="a run dir, its checkpoints/ dir, or checkpoints/<step>")
     e.add_argument("--step", type=int, help="step to export (default: the latest, or the one named by --checkpoint)")
     e.add_argument("--out", required=True, help="output directory")
+    add_distributed_flags(e)
     e.set_defaults(func=run_export)
 
 
@@ -58,14 +61,13 @@ def build_config(args):
 
 
 def run_train(args) -> int:
-    from prm_jax.parallel.mesh import initialize_distributed
     from prm_jax.training.trainer import format_summary, train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.init and args.init_config:
         raise InputError("give --init or --init-config, not both")
     cfg = build_config(args)
-    initialize_distributed()
+    initialize_distributed(args)
     summary = train(cfg, args.train, args.out, init_dir=args.init, eval_file=args.eval,
                     objective=args.objective, progress=not args.quiet)
     print(format_summary(summary))
@@ -75,6 +77,7 @@ def run_train(args) -> int:
 def run_export(args) -> int:
     from prm_jax.training.checkpoint import export_hf
 
+    initialize_distributed(args)
     out = export_hf(args.checkpoint, args.out, step=args.step)
     print(f"wrote {out}")
     return 0
