@@ -81,10 +81,10 @@ SIZES = {
                      policy_problems=3000, policy_steps=300, policy_batch=16, critic_problems=600, critic_steps=150,
                      label_problems=48, samples_per_problem=4, rollouts=6, prm_steps=80, prm_batch=16, heldout_problems=100,
                      bon_n=4),
-    # The recipe whose PRMs learn to check steps (experiments/README.md, demo_seeds.py): each step
+    # The recipe whose PRMs learn to check steps (experiments/notes/2026-11-27-demo-small-checks-steps.md): each step
     # restates the sentence it applies, the policy is taught the errors a PRM of this size can learn
     # to find (wrong operations, skipped steps), and 8x the labels train PRMs in batches of 64. (RoPE
-    # base 1e4 instead of Qwen2's 1e6 was measured and is no better: experiments/README.md.)
+    # base 1e4 instead of Qwen2's 1e6 was measured, no better: experiments/notes/2026-11-27-demo-small-variations.md.)
     "small": DemoSize(world="tiny", world_overrides=dict(max_start=9, max_operand=5, max_value=9, restate=True),
                       model=dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2),
                       vocab_size=1024, policy_problems=3000, policy_steps=800, policy_batch=16, critic_problems=600,

@@ -89,7 +89,7 @@ def test_demo_report_fields_and_claims(demo_out):
     # better than a predictor that knows only whether the final answer is right. At tiny size it does
     # on every seed measured, but so does the content-blind reference (report["prm"]["blind_f1"]), whose
     # F1 the tiny PRMs do not reach: this shows the pipeline end to end and a weak baseline, not a PRM
-    # that checks steps (that is the small size; experiments/README.md).
+    # that checks steps (that is the small size; experiments/README.md, demo_seeds.py).
     assert prm_f1 > base_f1, (prm_f1, base_f1)
 
 
@@ -103,7 +103,7 @@ def test_demo_consensus_labels_beat_mc_labels(demo_out):
     """The paper's lesson, measured against the truth: MC labels alone are noisy, and keeping only the
     solutions where the judge agrees with MC on the first error makes them right far more often.
     Recomputed here from the labelled files and the world's checker. (Against the judge alone the
-    margin was -4 to +21 points over ten runs: reported, not asserted; see experiments/README.md.)"""
+    margin was -4 to +21 points over ten runs, not asserted: experiments/notes/2026-11-27-demo-tiny-mc-fix.md.)"""
     from prm_jax.records import read_jsonl
     from prm_jax.toyworld.world import check_steps
 
