@@ -20,7 +20,7 @@ its own process so its peak memory (max RSS) is its own.
          oneDNN's bf16 matmuls); that default is timed too and printed on its own line.
 
 Every part runs in the environment `prm-jax train` gives itself: glibc backing large allocations
-with huge pages (prm_jax.cli.hugepage_malloc_env; it spares XLA:CPU's per-step page faults and
+with huge pages (prm_jax.hugepages; it spares XLA:CPU's per-step page faults and
 changes little for torch, whose allocator reuses its memory).
 
 Throughput = real (non-padding) tokens / step wall time, median over the timed steps (compilation
@@ -260,7 +260,7 @@ def part_trl(work: str, steps: int, warmup: int, bf16: bool = False) -> dict:
 def run_part(python: str, part: str, args, timeout: int = 900) -> dict:
     cmd = [python, os.path.abspath(__file__), "--part", part, "--work", args.work, "--steps", str(args.steps),
            "--warmup", str(args.warmup)]
-    from prm_jax.cli import hugepage_malloc_env
+    from prm_jax.hugepages import hugepage_malloc_env
 
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "TOKENIZERS_PARALLELISM": "false"}
     env = hugepage_malloc_env(env, platform.libc_ver()) or env  # as `prm-jax` runs; the same for every part
