@@ -253,3 +253,45 @@ def test_eval_across_processes_gives_the_same_predictions_and_summary(runs, name
             sa, sb = json.load(f), json.load(g)
         assert {k: v for k, v in sa.items() if k != "scoring"} == {k: v for k, v in sb.items() if k != "scoring"}
         assert sa.get("scoring", {}).get("items") == sb.get("scoring", {}).get("items")
+
+
+def _subparser(parser, *names):
+    import argparse
+
+    for name in names:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = action.choices[name]
+    return parser
+
+
+@pytest.mark.parametrize("stage", ["sample", "rollout", "judge", "train", "export", "eval processbench", "eval bon",
+                                   "search", "serve"])
+def test_every_computing_stage_takes_the_distributed_flags(stage):
+    p = _subparser(cli.build_parser(), *stage.split())
+    flags = {o for a in p._actions for o in a.option_strings}
+    assert {"--coordinator", "--num-processes", "--process-id"} <= flags
+
+
+def test_distributed_spec_reads_flags_then_environment_then_cluster_detection(capsys):
+    from prm_jax.errors import InputError
+    from prm_jax.parallel.mesh import DistributedSpec, distributed_spec
+
+    def args(*flags):
+        return cli.build_parser().parse_args(["export", "--checkpoint", "c", "--out", "o", *flags])
+
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    given = args("--coordinator", "host:8476", "--num-processes", "2", "--process-id", "1")
+    assert distributed_spec(given, env) == DistributedSpec("flags", "host:8476", 2, 1)  # flags win
+    assert distributed_spec(args(), env) == DistributedSpec("environment", "10.0.0.1:1234", 4, 3)
+    assert distributed_spec(args(), {"SLURM_JOB_ID": "7"}) == DistributedSpec("auto")
+    assert distributed_spec(args(), {"TPU_WORKER_HOSTNAMES": "a,b"}) == DistributedSpec("auto")
+    assert distributed_spec(args(), {}) is None and distributed_spec(None, {}) is None
+    with pytest.raises(InputError, match="missing --process-id"):
+        distributed_spec(args("--coordinator", "h:1", "--num-processes", "2"), {})
+    with pytest.raises(InputError, match="JAX_PROCESS_ID must be a non-negative integer; got 'x'"):
+        distributed_spec(args(), {**env, "JAX_PROCESS_ID": "x"})
+    with pytest.raises(InputError, match=r"process id 2 \(from flags\) must be in 0..1"):
+        distributed_spec(args("--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"), {})
+    with pytest.raises(SystemExit):
+        args("--coordinator", "no-port")
+    assert "expected HOST:PORT" in capsys.readouterr().err

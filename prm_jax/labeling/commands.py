@@ -9,6 +9,8 @@ import sys
 from prm_jax.errors import InputError
 from prm_jax.flags import (add_allow_empty, input_file, nonneg_float, nonneg_int, positive_float, positive_int,
                             require_records, top_p)
+from prm_jax.parallel.mesh import add_distributed_flags, distributed_spec, initialize_distributed
+from prm_jax.records import part_path, process_shard
 
 
 def register(sub) -> None:
@@ -40,6 +42,7 @@ def register(sub) -> None:
     p.add_argument("--failed", help="list of records that got no reply (default: OUT.failed.jsonl)")
     p.add_argument("--no-progress", action="store_true")
     add_allow_empty(p)
+    add_distributed_flags(p)  # --api local only: each process judges its shard into its own part file
     p.set_defaults(func=run_judge)
 
     p = sub.add_parser("filter", help="consensus filter: keep solutions where MC and judge agree",
@@ -104,6 +107,7 @@ async def _judge(args) -> int:
     template = load_template(args.template)
     solutions = read_solutions(args.solutions)
     require_records(solutions, args.solutions, args.allow_empty)
+    solutions = process_shard(solutions, *args.process)
     empty = [s for s in solutions if not s.record["steps"]]
     if empty:
         solutions = [s for s in solutions if s.record["steps"]]
@@ -130,6 +134,14 @@ async def _judge(args) -> int:
 
 
 def run_judge(args) -> int:
+    args.process = (0, 1)
+    if args.api == "local":
+        args.process = initialize_distributed(args)
+        args.out, args.cache, args.failed = (part_path(p, *args.process) if p else None
+                                             for p in (args.out, args.cache, args.failed))
+    elif distributed_spec(args) is not None and distributed_spec(args).source == "flags":
+        raise InputError(f"--coordinator/--num-processes/--process-id: --api {args.api} computes nothing with JAX "
+                         "(the server does); they apply to --api local")
     return asyncio.run(_judge(args))
 
 

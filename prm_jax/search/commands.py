@@ -3,10 +3,12 @@ in one process; resumable into --out (see prm_jax.search.run)."""
 from __future__ import annotations
 
 import logging
+import os
 
 from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT
 from prm_jax.flags import (add_allow_empty, input_file, model_dir, nonneg_float, nonneg_int, positive_float,
                            positive_int, require_records, top_p)
+from prm_jax.parallel.mesh import add_distributed_flags
 
 STRATEGIES = ("best-of-n", "beam", "dvts")  # = search.strategies.STRATEGIES (not imported: no JAX for --help)
 AGGREGATIONS = ("last", "min", "prod")
@@ -50,6 +52,7 @@ def register(sub) -> None:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_allow_empty(p)
+    add_distributed_flags(p)
     p.set_defaults(func=run_search)
 
 
@@ -63,12 +66,18 @@ def run_search(args) -> int:
         raise InputError("--delimiter: expected a non-empty string")
     problems = read_problems(args.problems)
     require_records(problems, args.problems, args.allow_empty)
-    mesh = None
-    if args.mesh:
-        from prm_jax.parallel.mesh import make_mesh
+    import jax
 
-        mesh = make_mesh(args.mesh)
-    records = search(args.policy, args.prm, problems, out=args.out, strategy=args.strategy, n=args.n,
+    from prm_jax.parallel.mesh import initialize_distributed, make_mesh
+    from prm_jax.records import process_shard
+
+    pidx, pcount = initialize_distributed(args)
+    out = args.out
+    if pcount > 1:  # as sample: each process searches its strided shard into its own part directory
+        problems = process_shard(problems, pidx, pcount)
+        out = os.path.join(args.out, f"part-{pidx:05d}-of-{pcount:05d}")
+    mesh = make_mesh(args.mesh, devices=jax.local_devices()) if args.mesh else None
+    records = search(args.policy, args.prm, problems, out=out, strategy=args.strategy, n=args.n,
                      beam_width=args.beam_width, agg=args.agg, max_steps=args.max_steps, lookahead=args.lookahead,
                      max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                      seed=args.seed, delimiter=args.delimiter.encode().decode("unicode_escape"),

@@ -8,7 +8,9 @@ import os
 import signal
 
 from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT
+from prm_jax.errors import InputError
 from prm_jax.flags import model_dir, nonneg_float, nonneg_int, positive_int
+from prm_jax.parallel.mesh import add_distributed_flags
 from prm_jax.rewards import AGG_ALIASES
 from prm_jax.evaluation.metrics import AGGREGATIONS
 
@@ -48,6 +50,7 @@ def register(subparsers) -> None:
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
                    help="/get_reward: the system prompt the PRM was trained with ('' for none)")
     p.add_argument("--no-warmup", action="store_true", help="do not compile every bucket's forward before serving")
+    add_distributed_flags(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -67,7 +70,9 @@ def build_app(args):
     from prm_jax.serving.batcher import BatchConfig, Batcher, EncodedScorer, warm_up
     from prm_jax.serving.server import ServeConfig, make_app
 
-    initialize_distributed()
+    if initialize_distributed(args)[1] > 1:  # only process 0 would see the requests the others must score with it
+        raise InputError("prm-jax serve runs as one process (one replica per host, on that host's devices); "
+                         "start it without --coordinator/--num-processes or JAX_COORDINATOR_ADDRESS")
     mesh = make_mesh(args.mesh)
     prm = load_model(args.prm, mesh, args.dtype)
     tokenizer = load_tokenizer(args.tokenizer or args.prm)
