@@ -109,6 +109,12 @@ def _official_f1(rows, threshold):
     return out
 
 
+def load_tok(path):
+    from prm_jax.models.hf import load_tokenizer
+
+    return load_tokenizer(path)
+
+
 def test_processbench_cli_end_to_end(shared_data, prm_dir, torch_scores, tmp_path, capsys):
     data = str(shared_data / "processbench")
     out = tmp_path / "pb"
@@ -125,10 +131,18 @@ def test_processbench_cli_end_to_end(shared_data, prm_dir, torch_scores, tmp_pat
     # step scores == transformers on each sample alone
     samples = {f"{name}/{r['id']}": r for name in summary["subsets"]
                for r in json.load(open(f"{data}/{name}.json"))}
+    tok = load_tok(prm_dir)
+    sid, tokens = tok.convert_tokens_to_ids("<extra_0>"), 0
     for row in rows:
         s = samples[f"{row['subset']}/{row['id']}"]
         assert row["label"] == s["label"]
         np.testing.assert_allclose(row["step_scores"], torch_scores(s["problem"], s["steps"]), atol=2e-5)
+        ids = encode_prm(tok, s["problem"], s["steps"], sid)[:MAX_LEN]
+        tokens += len(ids) - ids[::-1].index(sid) if sid in ids else 0  # up to the last step token kept
+    # the run's summary reports what it computed (auto dtype on CPU: f32, as the scores above show)
+    scoring = summary["scoring"]
+    assert scoring["real_tokens"] == tokens and scoring["scored"] == sum(bool(r["step_scores"]) for r in rows)
+    assert scoring["padding_share"] == pytest.approx(1 - tokens / scoring["positions"])
 
     # metrics recomputed from the predictions
     ref = _official_f1(rows, 0.5)
