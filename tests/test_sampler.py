@@ -262,7 +262,8 @@ def _counting_model(vocab: int = 64) -> Qwen2ForCausalLM:
     return model
 
 
-def test_continuous_reuses_slots_and_answers_every_request_once():
+def test_continuous_reuses_slots_and_answers_every_request_once(monkeypatch):
+    monkeypatch.setattr(sampler, "MIN_SLOTS", 1)  # the draining pool is compacted 4 -> 2 -> 1
     vocab = 64
     model = _counting_model(vocab)
     rs = np.random.RandomState(7)
@@ -307,6 +308,7 @@ def test_bounded_cache_decode_equals_full_cache(model, monkeypatch):
     preallocated for prompt + max_new_tokens and read whole at every step."""
     monkeypatch.setattr(sampler, "_CACHE_QUANTUM", 8)
     monkeypatch.setattr(sampler, "CHUNK_STEPS", 4)
+    monkeypatch.setattr(sampler, "MIN_SLOTS", 2)
     rs = np.random.RandomState(9)
     mixed = [rs.randint(0, VOCAB, n).tolist() for n in (3, 70, 5, 41, 2, 66, 9, 30)]
     stops = [3, 17, 40]

@@ -8,6 +8,7 @@ Public API
   each prefix prefilled once (and a prefix that is a prefix of another one in the same call is
   not prefilled at all: it reuses the longer one's cache rows).
 - `compile_count()` / `compile_log()`: how many programs the sampler has compiled in this process.
+- `last_stats()` / `total_stats()`: decode utilisation and step times (`SamplerStats`).
 
 Output convention: the returned ids are the *new* tokens only (never the prompt, never padding);
 a row that produced a stop id ends with that stop id; otherwise it has exactly max_new_tokens ids.
@@ -25,7 +26,18 @@ or mesh (last-bit differences), which changes a sample only when its uniform fal
 distance of a token boundary: rare, but a long rollout over a flat 32k-token distribution can
 hit it (the benchmark sees a few rows in 48 diverge); greedy decoding is affected only by ties.
 
-How it runs: prompts are sorted by length and cut into batches of at most `max_batch` rows.
+How it runs (batching="continuous", the default): a pool of slots (max_batch, or fewer when the
+call has fewer rows) decodes in chunks of up to CHUNK_STEPS steps; between chunks, finished rows
+are collected and pending requests prefilled into the free slots (in source order, one prefill per
+distinct source in each admission group, so prefix sharing holds), and once nothing is pending the
+pool is halved whenever half of it is idle. The cache length follows the filled part in buckets of
+bucket(n, 128) positions, so a step attends over what the live rows use, not prompt +
+max_new_tokens. A row's key and step keys are the same as in the static path, so both give the same
+tokens for equal logits. `last_stats()` / `total_stats()` report the decode utilisation (kept tokens
+per computed token slot) and ms per step (`SamplerStats.floor_ms_per_step` compares with a floor).
+
+batching="static" (the former path): prompts are sorted by length and cut into batches of at most
+`max_batch` rows, each decoded until its longest row ends.
 Batch sizes and prompt lengths are rounded up to buckets (1, 2, 3, 4, 6, 8, 12, 16, 24, ... i.e.
 powers of two and 1.5x powers of two; batches also to a multiple of the data-parallel size), as is
 max_new_tokens (the true limit is a traced scalar), and a call's last, short batch is padded to its
@@ -546,7 +558,7 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
             break
         s_cur = len(slot_row)
         next_pos = int(max(lens_h[i] + t_h[i] for i in live))
-        target = length_for(next_pos)
+        target = length_for(max(next_pos, t_len if pending else 0))  # admissions write [0, t_len)
         half = s_cur // 2
         if not pending and len(live) <= half and half >= MIN_SLOTS and half % dp == 0:
             while len(live) <= half // 2 and half // 2 >= MIN_SLOTS and (half // 2) % dp == 0:
@@ -555,6 +567,7 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
         elif length - next_pos < CHUNK_STEPS and length < cap or length > target + CHUNK_STEPS * 4:
             resize(list(range(s_cur)), target)
         s_cur = len(slot_row)
+        live = [i for i, rw in enumerate(slot_row) if rw is not None]  # a resize renumbers the slots
         steps = min(CHUNK_STEPS, length - next_pos)
         idle = s_cur - len(live)
         if pending:
