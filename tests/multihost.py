@@ -19,6 +19,7 @@ first non-zero status.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -54,6 +55,15 @@ def child_env(devices: int, extra: dict[str, str] | None = None) -> dict[str, st
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it if the test process dies (Linux), so even a killed pytest leaves no
+    JAX process behind."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
 class ChildFailed(AssertionError):
     """A child exited non-zero or outlived its deadline; the message holds every child's stderr tail."""
 
@@ -76,7 +86,8 @@ class MultiHost:
             with open(out, "wb") as fo, open(err, "wb") as fe:
                 self.procs.append(subprocess.Popen(
                     [sys.executable, os.path.abspath(__file__), json.dumps(commands), "--", *flags],
-                    cwd=REPO, env=env, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, start_new_session=True))
+                    cwd=REPO, env=env, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, start_new_session=True,
+                    preexec_fn=_die_with_parent))
             self.logs.append((out, err))
         return self
 

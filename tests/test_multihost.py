@@ -33,7 +33,7 @@ from prm_jax.records import part_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RECIPE = os.path.join(REPO, "experiments", "recipes", "tiny-cpu.yaml")
-SETS = ["steps=6", "save_every=3", "keep=3", "log_every=1", "max_length=64", "buckets=[64]", "lr=1e-2",
+SETS = ["steps=6", "save_every=6", "keep=3", "log_every=1", "max_length=64", "buckets=[64]", "lr=1e-2",
         "eps=1e-3", "mesh=fsdp=8", "export_hf=false", "eval_every=0"]
 PROBLEM = "Tom has {} apples and buys 12 more. Step 1: 7 * 8 = 56. How many apples does he have?"
 N_PROBLEMS = 12
@@ -295,3 +295,18 @@ def test_distributed_spec_reads_flags_then_environment_then_cluster_detection(ca
     with pytest.raises(SystemExit):
         args("--coordinator", "no-port")
     assert "expected HOST:PORT" in capsys.readouterr().err
+
+
+def test_harness_fails_on_a_crashed_child_with_its_stderr_and_kills_a_hung_one():
+    from multihost import ChildFailed
+
+    with MultiHost(n=2, devices=4) as job:  # both children refuse a bad flag (exit 2) at once
+        job.start([["export", "--checkpoint", "c", "--out", "o", "--no-such-flag"]])
+        with pytest.raises(ChildFailed, match=r"(?s)exited 2.*unrecognized arguments: --no-such-flag"):
+            job.wait(60)
+    with MultiHost(n=2, devices=4) as job:  # process 1 never starts: process 0 waits for it, forever
+        job.start([["export", "--checkpoint", "c", "--out", "o"]], only=[0])
+        t0 = time.monotonic()
+        with pytest.raises(ChildFailed, match="still running after 3s"):
+            job.wait(3)
+        assert time.monotonic() - t0 < 15 and job.procs[0].poll() is not None  # killed and reaped
