@@ -20,6 +20,7 @@ import json
 import os
 import random
 import re
+import resource
 import signal
 import sys
 import time
@@ -52,6 +53,13 @@ def _read_jsonl(path):
 
 def _parts(path):
     return [part_path(path, i, 2) for i in range(2)]
+
+
+def _clock(t0, what):
+    """Wall and CPU seconds so far (this process and its reaped children), for `pytest -s` timing."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    print(f"multihost timing: {what}: {time.perf_counter() - t0:.1f}s wall, {cpu:.1f}s CPU", file=sys.stderr)
 
 
 def _wait_for(predicate, job, timeout, what, child):
@@ -128,7 +136,7 @@ def runs(tmp_path_factory, toy_tokenizer_dir, toy_tokenizer):
     for argv in (sample(sp["sample"]), rollout(sp["sample"], sp["rollout"]), train(sp["train"]),
                  ["export", "--checkpoint", sp["train"], "--out", sp["export"]], *evals(sp["export"], sp["eval"])):
         assert cli.main(argv) == 0, argv
-        print(f"TIMING single-process {argv[0]}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        _clock(t0, f"single-process {argv[0]}")
 
     # -- the same stages as 2 processes x 4 devices --------------------------------------------------
     mp = {k: str(root / "mp" / k) for k in ("sample", "rollout", "train", "export", "eval")}
@@ -143,7 +151,7 @@ def runs(tmp_path_factory, toy_tokenizer_dir, toy_tokenizer):
         _wait_for(lambda: _lines(part1) >= 2, job, PAIR_TIMEOUT, f"2 records in {part1}", child=1)
         job.procs[1].kill()
         out["killed_with"] = _lines(part1)
-        print(f"TIMING pair A: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        _clock(t0, "pair A")
         job.kill()  # the job goes down with its task, as under a scheduler; B restarts it
     with MultiHost(n=2, devices=4, env=cache) as job:  # B: restart; rollout; train, SIGTERM to process 1
         job.start([sample(mp["sample"]), rollout(sp["sample"], mp["rollout"]), train(mp["train"])])
@@ -154,7 +162,7 @@ def runs(tmp_path_factory, toy_tokenizer_dir, toy_tokenizer):
         out["sigterm_codes"] = job.wait(PAIR_TIMEOUT, ok=(0, 143))
         out["restart_stderr"] = job.stderr(1)
         out["preempted_stdout"] = [job.output(i) for i in range(2)]
-        print(f"TIMING pair B: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        _clock(t0, "pair B")
         out["preempted_steps"] = sorted(int(s) for s in os.listdir(os.path.join(mp["train"], "checkpoints"))
                                         if s.isdigit())
     with MultiHost(n=2, devices=4, env=cache) as job:  # C: resume train; export; evaluations (of the same PRM as sp)
@@ -162,7 +170,7 @@ def runs(tmp_path_factory, toy_tokenizer_dir, toy_tokenizer):
                    *evals(sp["export"], mp["eval"])])
         job.wait(PAIR_TIMEOUT)
         out["resumed_stdout"] = job.output(0)
-        print(f"TIMING pair C: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        _clock(t0, "pair C")
     return {"sp": sp, "mp": mp, "inputs": {"sample": problems, "rollout": sp["sample"]}, **out}
 
 
