@@ -6,9 +6,10 @@ truth, and each PRM's held-out first-error F1 with its two accuracies beside the
 baseline's and the content-blind reference's F1 (a predictor that never reads a solution). The last lines
 count the seeds where the consensus labels are more accurate than MC labels by over 10 points (what the
 tiny demo's test asserts) or than the judge's, and where the consensus PRM beats the baseline and the
-content-blind reference.
+content-blind reference. Then the paper's lessons, issue 28's claims (a)-(d), each with its numbers per
+seed and the count of seeds where it holds (from each run's report.json "claims").
 
-    python experiments/demo_seeds.py --out runs/demo_seeds --seeds 0-4 [--size tiny] [--set KEY=VALUE ...]
+    python experiments/demo_seeds.py --out runs/demo_seeds --seeds 0-4 [--size small] [--set KEY=VALUE ...]
 
 (error acc / correct acc: share of erroneous solutions whose first error is found exactly / share of
 correct solutions left unflagged — ProcessBench's two accuracies, whose harmonic mean is F1.)
@@ -55,7 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/demo_seeds")
     ap.add_argument("--seeds", default="0-4")
-    ap.add_argument("--size", default="tiny", choices=("tiny", "small"))
+    ap.add_argument("--size", default="small", choices=("tiny", "small"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to every `prm-jax demo`")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -64,7 +65,7 @@ def main() -> None:
           "held-out F1 (error acc / correct acc), %")
     print(f"{'seed':>4} {'time s':>6} {'policy ok%':>10} | {'mc':>4} {'judge':>5} {'cons':>5} | "
           + " | ".join(f"{name + ' PRM':>15}" for name, _ in prms) + f" | {'baseline':>15} | blind", flush=True)
-    beats, beats_blind, over_mc, over_judge = [], [], [], []
+    beats, beats_blind, over_mc, over_judge, reports = [], [], [], [], []
     for seed in seed_list(args.seeds):
         r = run_seed(args.out, args.size, seed, args.set)
         lq, prm = r["label_quality"], r["prm"]
@@ -79,10 +80,36 @@ def main() -> None:
         acc = {src: lq[src]["first_error_accuracy"] for src in ("mc", "judge", "consensus")}
         over_mc.append(acc["consensus"] > acc["mc"] + 0.1)
         over_judge.append(acc["consensus"] > acc["judge"])
+        reports.append((seed, r))
     print(f"consensus labels beat MC labels by over 10 points on {sum(over_mc)} of {len(over_mc)} seeds, "
           f"the judge's on {sum(over_judge)}")
     print(f"consensus PRM beats the outcome-only baseline on {sum(beats)} of {len(beats)} seeds, "
           f"the content-blind reference on {sum(beats_blind)}")
+    print_claims(reports)
+
+
+CLAIMS = {  # issue 28's claims and how many of five seeds each needs
+    "a": ("consensus labels match the truth more often than MC and than judge labels", "5/5"),
+    "b": ("the consensus PRM beats the content-blind reference and the outcome-only baseline", ">= 4/5"),
+    "c": ("the consensus PRM beats the MC-only PRM", ">= 4/5"),
+    "d": ("PRM-weighted best-of-N and beam search beat majority vote at the same N", ">= 4/5"),
+}
+
+
+def print_claims(reports: list[tuple[int, dict]]) -> None:
+    """Per claim: each seed's numbers (report["claims"], written by the demo's report stage) and the count
+    of seeds where it holds, beside what the issue asks."""
+    for cid, (text, needs) in CLAIMS.items():
+        rows = [(seed, next((c for c in r.get("claims", []) if c["id"] == cid), None)) for seed, r in reports]
+        held = sum(bool(c and c["holds"]) for _, c in rows)
+        print(f"\n({cid}) {text}: holds on {held} of {len(rows)} seeds (the issue asks {needs} of each five)")
+        for seed, c in rows:
+            if c is None:
+                print(f"  seed {seed}: not measured by this run")
+                continue
+            nums = ", ".join(f"{k} {v}" if k == "n" else f"{k} {100 * v:.1f}" for k, v in c["numbers"].items()
+                             if v is not None)
+            print(f"  seed {seed}: {'holds' if c['holds'] else 'does not hold'} ({nums})")
 
 
 if __name__ == "__main__":

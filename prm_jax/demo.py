@@ -15,6 +15,8 @@ under --out, so the demo doubles as an executable tutorial:
   heldout  ProcessBench-style sets of fresh policy samples labelled by the truth: `toy`, on which
            the PRMs are scored, and `dev` (other problems), on which each PRM's threshold is tuned
   eval-*   each PRM on the held-out set (first-error F1 at its dev-tuned threshold) and by Best-of-N
+  search   `prm-jax search` on held-out problems with the consensus PRM: weighted best-of-N and
+           step-level beam search against majority vote, at the same N
   report   label quality against the truth, PRM F1 vs the outcome-only baseline, Best-of-N
 
 Because the toy world knows every step's truth, the report measures what the paper could only
@@ -36,7 +38,7 @@ from prm_jax.flags import unit_interval
 from prm_jax.records import OutputLock, read_jsonl, write_jsonl
 
 STAGES = ("world", "policy", "sample", "rollout", "critic", "judge", "filter", "prm-consensus", "prm-mc",
-          "prm-judge", "heldout", "eval-consensus", "eval-mc", "eval-judge", "report")
+          "prm-judge", "heldout", "eval-consensus", "eval-mc", "eval-judge", "search", "report")
 LABEL_SETS = ("consensus", "mc", "judge")
 DEMO_SETS_MODEL = ("vocab_size", "max_position_embeddings")  # model fields stage_world sets itself
 SETTINGS_FILE = "demo_settings.json"
@@ -71,6 +73,9 @@ class DemoSize:
     label_temperature: float = 0.7  # the solutions to label (held-out samples stay at 0.7)
     rollout_temperature: float = 0.7  # MC rollouts: hotter makes the completer less reliable, MC noisier
     policy_error_kinds: tuple[str, ...] = ()  # the kinds injected into its training solutions; () = all
+    search_problems: int = 16  # held-out problems the search stage searches (with the consensus PRM)
+    search_n: int = 4  # N of weighted best-of-N, beam search and majority vote there
+    search_beam_width: int = 2  # M: beam search keeps N/M beams and expands each M ways
 
 
 SIZES = {
@@ -85,13 +90,18 @@ SIZES = {
     # restates the sentence it applies, the policy is taught the errors a PRM of this size can learn
     # to find (wrong operations, skipped steps), and 8x the labels train PRMs in batches of 64. (RoPE
     # base 1e4 instead of Qwen2's 1e6 was measured, no better: experiments/notes/2026-11-27-demo-small-variations.md.)
-    "small": DemoSize(world="tiny", world_overrides=dict(max_start=9, max_operand=5, max_value=9, restate=True),
+    # MC's failure modes by construction (issue 28): half the policy's early errors are followed by a
+    # restart that re-derives the answer, and 30% of its solutions carry a check step (a quantity the
+    # answer never uses), so MC passes wrong steps the way the paper describes; the critic learns both.
+    "small": DemoSize(world="tiny", world_overrides=dict(max_start=9, max_operand=5, max_value=9, restate=True,
+                                                         restart_rate=0.5, check_rate=0.3),
                       model=dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2),
                       vocab_size=1024, policy_problems=3000, policy_steps=800, policy_batch=16, critic_problems=600,
                       critic_steps=600, label_problems=400, samples_per_problem=4, rollouts=6, prm_steps=300,
                       prm_batch=64, heldout_problems=100, bon_n=4, policy_error_rate=0.4,
                       policy_error_kinds=("wrong_operation", "skipped_step"), max_new_tokens=128,
-                      buckets=(112, 128, 144), critic_buckets=(160, 192, 224)),
+                      buckets=(112, 144, 176), critic_buckets=(176, 208, 240), search_problems=100, search_n=8,
+                      search_beam_width=4),
 }
 
 
@@ -231,11 +241,13 @@ class Demo:
             json.dump({"preset": "tiny", **s.model, "vocab_size": vocab, "max_position_embeddings": 1024}, f)
         # The policy learns from reference solutions with a few injected errors, so that its own
         # samples go wrong in varied places; the critic from solutions with true verdicts.
+        # MC's failure modes are the world's shares (restarts, checks, slips), in both training sets.
+        shares = failure_shares(cfg)
         policy = world.sample_solutions(problems["policy"], seed=seed, error_rate=s.policy_error_rate,
-                                        kinds=s.policy_error_kinds or world.ERROR_KINDS)
+                                        kinds=s.policy_error_kinds or world.ERROR_KINDS, **shares)
         write_jsonl(self.path("data", "policy_train.jsonl"),
                     [{"id": r["id"], "problem": r["problem"], "steps": r["steps"]} for r in policy])
-        examples = critic.critic_training_set(problems["critic"], template, seed=seed, error_rate=0.6)
+        examples = critic.critic_training_set(problems["critic"], template, seed=seed, error_rate=0.6, **shares)
         write_jsonl(self.path("data", "critic_train.jsonl"),
                     [{"id": e["id"], "prompt": e["messages"][-2]["content"], "text": e["messages"][-1]["content"]}
                      for e in examples])
@@ -356,6 +368,24 @@ class Demo:
         self.cli("eval", "bon", "--prm", prm, "--responses", self.path("heldout_samples.jsonl"),
                  "--out", self.path(f"bon_{label_set}"), "--batch-size", 32, "--max-length", 256)
 
+    def stage_search(self) -> None:
+        """Weighted best-of-N and step-level beam search with the consensus PRM on held-out problems, each
+        beside the majority vote over the same N candidates (search-and-learn's setting: a step ends at a
+        blank line, a candidate's score is its last step's)."""
+        s = self.size
+        problems = read_jsonl(self.path("data", "heldout_problems.jsonl"))[: s.search_problems]
+        if not problems:
+            return
+        chosen = self.path("data", "search_problems.jsonl")
+        write_jsonl(chosen, problems)
+        for strategy in ("best-of-n", "beam"):
+            args = ["search", "--policy", self.path("policy", "hf"), "--prm", self.path("prm_consensus", "hf"),
+                    "--problems", chosen, "--out", self.path("search"), "--strategy", strategy, "--n", s.search_n,
+                    "--beam-width", s.search_beam_width, "--agg", "last", "--max-steps", 10, "--max-tokens", 64,
+                    "--temperature", 0.7, "--seed", self.seed, "--batch-size", 16, "--prm-batch-size", 64,
+                    "--prm-max-length", 256, "--grade-workers", 0]
+            self.cli(*args, *(["--no-progress"] if self.quiet else []))
+
     def stage_report(self) -> None:
         report = build_report(self)
         with open(self.path("report.json"), "w", encoding="utf-8") as f:
@@ -368,11 +398,17 @@ class Demo:
     def stages(self) -> list[tuple[str, Callable[[], None]]]:
         table = {"world": self.stage_world, "policy": self.stage_policy, "sample": self.stage_sample,
                  "rollout": self.stage_rollout, "critic": self.stage_critic, "judge": self.stage_judge,
-                 "filter": self.stage_filter, "heldout": self.stage_heldout, "report": self.stage_report}
+                 "filter": self.stage_filter, "heldout": self.stage_heldout, "search": self.stage_search,
+                 "report": self.stage_report}
         for ls in LABEL_SETS:
             table[f"prm-{ls}"] = lambda ls=ls: self.stage_prm(ls)
             table[f"eval-{ls}"] = lambda ls=ls: self.stage_eval(ls)
         return [(name, table[name]) for name in STAGES]
+
+
+def failure_shares(cfg) -> dict[str, float]:
+    """The WorldConfig's shares of MC's failure modes, as `world.sample_solutions` takes them."""
+    return {k: getattr(cfg, k) for k in ("restart_rate", "check_rate", "slip_rate")}
 
 
 def simulated_judge(solutions: list[dict], error_rate: float, seed: int) -> list[dict]:
@@ -453,7 +489,59 @@ def build_report(demo: Demo) -> dict[str, Any]:
     prm["beats_baseline"] = bool(prm["f1"] > prm["baseline_f1"])
     report["prm"] = prm
     report["best_of_n"] = bon
+    report["mc_failures"] = _mc_failures(p, solutions)
+    search_summary = p("search", "search_summary.json")
+    if os.path.exists(search_summary):
+        report["search"] = {run["strategy"]: {k: run[k] for k in ("n", "beam_width", "agg", "problems", "weighted",
+                                                                   "prm_argmax", "majority", "pass", "policy_tokens",
+                                                                   "prm_tokens")}
+                            for run in _load_json(search_summary).values()}
+    report["claims"] = claims(report)
     return T.clean_nan(report)
+
+
+def _mc_failures(p: Callable[..., str], solutions: list[dict]) -> dict[str, Any]:
+    """How often, by the truth, MC passed a wrong step (its completer reached the right answer from it:
+    a wrong check the answer does not use, or a re-derivation) or failed a right step (a weak completer),
+    over every MC-labelled solution and over the ones consensus kept (with consensus's first error)."""
+    from prm_jax.toyworld.failures import mc_failures
+    from prm_jax.toyworld.truth import labels_first_error
+
+    kept = {r["id"]: labels_first_error(r["labels"]) for r in read_jsonl(p("train_consensus.jsonl"))}
+    return {"mc": mc_failures(read_jsonl(p("mc.jsonl"))),
+            "consensus": mc_failures([s for s in solutions if s["id"] in kept], lambda r: kept[r["id"]])}
+
+
+def claims(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The paper's lessons as the demo measures them (issue 28's claims a-d): each with its numbers and
+    whether it holds on this run."""
+    acc = {k: report["label_quality"][k]["first_error_accuracy"] for k in ("mc", "judge", "consensus")}
+    prm = report["prm"]
+    out = [
+        {"id": "a", "claim": "consensus labels match the truth more often than MC labels and than judge labels",
+         "numbers": {"consensus": acc["consensus"], "mc": acc["mc"], "judge": acc["judge"]},
+         "holds": _gt(acc["consensus"], acc["mc"]) and _gt(acc["consensus"], acc["judge"])},
+        {"id": "b", "claim": "the consensus PRM beats the content-blind reference and the outcome-only baseline",
+         "numbers": {"consensus_prm": prm["f1"], "blind": prm["blind_f1"], "baseline": prm["baseline_f1"]},
+         "holds": _gt(prm["f1"], prm["blind_f1"]) and _gt(prm["f1"], prm["baseline_f1"])},
+        {"id": "c", "claim": "the consensus PRM beats the MC-only PRM",
+         "numbers": {"consensus_prm": prm["f1"], "mc_prm": prm["mc_f1"]}, "holds": _gt(prm["f1"], prm["mc_f1"])},
+    ]
+    search = report.get("search") or {}
+    if "best-of-n" in search:
+        bon, beam = search["best-of-n"], search.get("beam")
+        numbers = {"n": bon["n"], "weighted_bon": bon["weighted"], "majority": bon["majority"]}
+        holds = _gt(bon["weighted"], bon["majority"])
+        if beam:
+            numbers["beam"] = beam["weighted"]
+            holds = holds and _gt(beam["weighted"], bon["majority"])
+        out.append({"id": "d", "claim": "PRM-weighted best-of-N and beam search beat majority vote at the same N",
+                    "numbers": numbers, "holds": holds})
+    return out
+
+
+def _gt(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and a > b
 
 
 def _fmt(x: Any, pct: bool = False) -> str:
@@ -489,6 +577,22 @@ def summary_table(report: dict[str, Any]) -> str:
     lines += ["", "Best-of-N (consensus PRM)", f"{'N':>4}{'prm@N%':>9}{'maj@N%':>9}{'pass@N%':>9}"]
     for c in curve:
         lines.append(f"{c['n']:>4}{_fmt(c['prm'], True):>9}{_fmt(c['maj'], True):>9}{_fmt(c['pass'], True):>9}")
+    search = report.get("search") or {}
+    if search:
+        lines += ["", f"Search with the consensus PRM ({next(iter(search.values()))['problems']} held-out problems)",
+                  f"{'strategy':<12}{'N':>4}{'weighted%':>11}{'PRM argmax%':>13}{'majority%':>11}{'pass@N%':>9}"
+                  f"{'policy tok':>12}"]
+        for name, r in search.items():
+            lines.append(f"{name:<12}{r['n']:>4}{_fmt(r['weighted'], True):>11}{_fmt(r['prm_argmax'], True):>13}"
+                         f"{_fmt(r['majority'], True):>11}{_fmt(r['pass'], True):>9}{r['policy_tokens']:>12.0f}")
+    fails = report.get("mc_failures")
+    if fails:
+        lines += ["", "MC's failure modes, counted from the truth (solutions)",
+                  f"{'labels':<11}{'n':>6}{'agree':>7}{'passed: unused':>16}{'re-derived':>12}{'right failed':>14}"]
+        for name, f in fails.items():
+            w = f["wrong_step_passed"]
+            lines.append(f"{name:<11}{f['n']:>6}{f['agree']:>7}{w['unused_quantity']:>16}{w['rederived']:>12}"
+                         f"{f['right_step_failed']:>14}")
     return "\n".join(lines)
 
 
@@ -503,8 +607,17 @@ def write_markdown(report: dict[str, Any], path: str) -> None:
         f"Consensus kept {cons.get('kept')} of {cons.get('kept', 0) + cons.get('dropped', 0)} solutions "
         f"(retention {_fmt(cons.get('retention'), True)}%).", "",
         "```", summary_table(report), "```", "",
+        *_claims_markdown(report),
+        *_failures_markdown(report),
+        "The critic judges by a generative check: for each paragraph in turn it first writes what the step "
+        "should compute (`Paragraph 1: expected 12 - 3 = 9; wrong operation, incorrect.`, a check step's "
+        "inverse, a restart's first operation), then its verdict, and stops at the first wrong one. Its "
+        f"first-error accuracy is {_fmt(report['label_quality']['judge']['first_error_accuracy'], True)}% and its "
+        f"step recall (wrong steps it calls wrong) {_fmt(report['label_quality']['judge']['step_recall'], True)}% "
+        "(the judge row above).", "",
         "![label quality](report_label_quality.png)", "", "![PRM F1](report_f1.png)", "",
         "![Best-of-N](bon_consensus/bon_curve.png)", "",
+        *(["![search](search/search_accuracy.png)", ""] if report.get("search") else []),
         "Held-out scores: error acc is the share of erroneous solutions whose first error is found exactly, "
         "correct acc the share of correct solutions left unflagged; F1 is their harmonic mean (ProcessBench's). "
         "A PRM calls a step wrong when its score falls below its threshold, the one with the best F1 on the dev "
@@ -517,6 +630,38 @@ def write_markdown(report: dict[str, Any], path: str) -> None:
     ]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(text) + "\n")
+
+
+def _claims_markdown(report: dict[str, Any]) -> list[str]:
+    """The paper's lessons as this run measured them, each plainly marked where it does not hold."""
+    lines = ["## The paper's lessons on this run", ""]
+    for c in report.get("claims", []):
+        nums = ", ".join(f"{k} {v if k == 'n' else _fmt(v, True)}" for k, v in c["numbers"].items())
+        lines.append(f"- ({c['id']}) {c['claim']}: **{'holds' if c['holds'] else 'does not hold'}** ({nums}).")
+    return lines + ["", "Percentages: label first-error accuracy, held-out PRM F1, search accuracy. Across seeds: "
+                        "`experiments/demo_seeds.py` prints these claims per seed.", ""]
+
+
+def _failures_markdown(report: dict[str, Any]) -> list[str]:
+    fails = report.get("mc_failures")
+    if not fails:
+        return []
+    world = report["world"]
+    f = fails["mc"]
+    w = f["wrong_step_passed"]
+    return [
+        "## MC's failure modes, counted from the truth", "",
+        f"World shares: restart after an early error {world.get('restart_rate', 0.0)}, check steps "
+        f"{world.get('check_rate', 0.0)}, last-step slips {world.get('slip_rate', 0.0)} (of the policy's and the "
+        f"critic's training solutions). Of the {f['n']} MC-labelled solutions ({f['solutions_restarting']} restart "
+        f"after a step, {f['solutions_with_check']} carry a check), MC's first error equals the truth on "
+        f"{f['agree']}; MC passed the true first error on {w['unused_quantity'] + w['rederived']} (a rollout reached "
+        f"the right answer from the wrong step: {w['unused_quantity']} wrong checks, a quantity the answer does not "
+        f"use, and {w['rederived']} steps the completer re-derived past) and blamed a right step on "
+        f"{f['right_step_failed']} (every rollout failed from it: a weak completer). Among the "
+        f"{fails['consensus']['n']} solutions consensus kept: {fails['consensus']['agree']} agree with the truth, "
+        f"{sum(fails['consensus']['wrong_step_passed'].values())} passed, "
+        f"{fails['consensus']['right_step_failed']} blamed early.", ""]
 
 
 def _bar_chart(path: str, names: list[str], percents: list[float], colors: list[str], ylabel: str, title: str,
@@ -571,7 +716,7 @@ def run_demo(out: str, *args, **kwargs) -> dict[str, Any]:
         return _run_demo(out, *args, **kwargs)
 
 
-def _run_demo(out: str, size: str = "tiny", judge: Judge = Judge(), seed: int = 0, resume: bool = False,
+def _run_demo(out: str, size: str = "small", judge: Judge = Judge(), seed: int = 0, resume: bool = False,
               quiet: bool = False, assignments: Sequence[str] = ()) -> dict[str, Any]:
     """Run (or with `resume`, continue) the demo, its size changed by `assignments` (see `resize`);
     returns the report."""
@@ -611,9 +756,9 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="the whole recipe end to end on a toy world whose truth is known",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="run directory (every stage writes its files here)")
-    p.add_argument("--size", choices=tuple(SIZES), default="tiny",
-                   help="tiny: the whole pipeline in ~2.6 min on 2 CPU cores; small: the recipe whose PRMs learn to "
-                        "check steps, ~6 min")
+    p.add_argument("--size", choices=tuple(SIZES), default="small",
+                   help="small (the default): the recipe that shows the paper's lessons, MC's failure modes built in, "
+                        "~10 min on 2 CPU cores; tiny: the whole pipeline in ~3 min, for tests and CI")
     p.add_argument("--resume", action="store_true", help="continue a stopped run from its last finished stage")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--judge", choices=("critic", "simulated"), default="critic",

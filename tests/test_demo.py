@@ -49,7 +49,23 @@ def test_demo_report_fields_and_claims(demo_out):
     for key in ("f1", "baseline_f1", "mc_f1", "judge_f1", "blind_f1"):
         assert 0.0 <= prm[key] <= 1.0
     assert report["best_of_n"]["consensus"]["curve"]
-    for name in ("report.md", "report_label_quality.png", "report_f1.png"):
+    # MC's failure modes, recounted from the truth: agreeing, passing a wrong step, blaming a right one
+    from prm_jax.records import read_jsonl
+    from prm_jax.toyworld.world import check_steps
+
+    rank = {}
+    for r in read_jsonl(os.path.join(demo_out, "mc.jsonl")):
+        t, m = check_steps(r["world"], r["steps"]).first_error, r["mc"]["first_error"]
+        t, m = (len(r["steps"]) if t < 0 else t), (len(r["steps"]) if m < 0 else m)
+        key = "agree" if m == t else "passed" if m > t else "failed"
+        rank[key] = rank.get(key, 0) + 1
+    fails = report["mc_failures"]["mc"]
+    assert (fails["agree"], sum(fails["wrong_step_passed"].values()), fails["right_step_failed"]) == (
+        rank.get("agree", 0), rank.get("passed", 0), rank.get("failed", 0))
+    search = report["search"]
+    assert set(search) == {"best-of-n", "beam"} and search["beam"]["n"] == search["best-of-n"]["n"]
+    assert [c["id"] for c in report["claims"]] == ["a", "b", "c", "d"]
+    for name in ("report.md", "report_label_quality.png", "report_f1.png", "search/search_accuracy.png"):
         assert os.path.getsize(os.path.join(demo_out, name)) > 0
 
     # Recompute both F1 figures from the written step scores and the truth of the held-out set, with
@@ -409,3 +425,37 @@ def test_demo_cli_judge_options(monkeypatch, tmp_path):
                  "--judge-model", "m", "--judge", "simulated"]) == 0
     assert seen == [Judge(), Judge("simulated", error_rate=0.3),
                     Judge("endpoint", endpoint="http://127.0.0.1:30000", api="openai", model="m")]
+
+
+def test_demo_search_stage_runs_both_strategies_at_the_same_n(tmp_path):
+    """The search stage runs `prm-jax search` with the consensus PRM on the first `search_problems`
+    held-out problems: weighted best-of-N and beam search, the same N (majority vote comes with each)."""
+    from prm_jax.records import read_jsonl, write_jsonl
+    from prm_jax.toyworld import world
+
+    demo, calls = recording_demo(tmp_path, "tiny", "search_problems=5", "search_n=8", "search_beam_width=4")
+    os.makedirs(demo.path("data"))
+    problems = world.generate_problems(9, seed=1, cfg=world.WorldConfig.tiny(), id_prefix="heldout")
+    write_jsonl(demo.path("data", "heldout_problems.jsonl"), problems)
+    demo.stage_search()
+    assert [argv[argv.index("--strategy") + 1] for argv in calls] == ["best-of-n", "beam"]
+    for argv in calls:
+        assert argv[0] == "search" and argv[argv.index("--n") + 1] == 8 and argv[argv.index("--beam-width") + 1] == 4
+        assert argv[argv.index("--prm") + 1] == demo.path("prm_consensus", "hf")
+        assert read_jsonl(argv[argv.index("--problems") + 1]) == problems[:5]
+
+
+def test_demo_claims_by_hand():
+    """The report's claims (issue 28 a-d) from hand-made figures: each holds only when strictly better."""
+    from prm_jax.demo import claims
+
+    lq = {"mc": {"first_error_accuracy": 0.6}, "judge": {"first_error_accuracy": 0.7},
+          "consensus": {"first_error_accuracy": 0.7}}
+    prm = {"f1": 0.5, "blind_f1": 0.3, "baseline_f1": 0.45, "mc_f1": 0.4}
+    search = {"best-of-n": {"n": 8, "weighted": 0.8, "majority": 0.75}, "beam": {"n": 8, "weighted": 0.7}}
+    got = {c["id"]: c["holds"] for c in claims({"label_quality": lq, "prm": prm, "search": search})}
+    assert got == {"a": False, "b": True, "c": True, "d": False}  # a: ties the judge; d: beam below majority
+    lq["consensus"]["first_error_accuracy"], search["beam"]["weighted"] = 0.71, 0.76
+    got = {c["id"]: c["holds"] for c in claims({"label_quality": lq, "prm": prm, "search": search})}
+    assert got == {"a": True, "b": True, "c": True, "d": True}
+    assert [c["id"] for c in claims({"label_quality": lq, "prm": prm})] == ["a", "b", "c"]  # no search stage
