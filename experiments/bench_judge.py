@@ -24,7 +24,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from prm_jax.labeling.judge import Solution, judge_solutions, load_template  # noqa: E402
+from prm_jax.labeling.judge import judge_solutions, load_template  # noqa: E402
+from prm_jax.labeling.solutions import Solution  # noqa: E402
 from prm_jax.labeling.judge_clients import OpenAIClient, RetryPolicy, SamplingParams, SGLangClient  # noqa: E402
 
 

@@ -13,10 +13,11 @@ import pytest
 
 from prm_jax import cli
 from prm_jax.labeling.consensus import consensus_filter, load_labelled
-from prm_jax.labeling.judge import (JudgeTemplate, Solution, judge_solutions, load_template, majority_vote,
-                                    parse_template, parse_verdict, read_solutions)
+from prm_jax.labeling.judge import (JudgeTemplate, judge_solutions, load_template, majority_vote, parse_template,
+                                    parse_verdict)
 from prm_jax.labeling.judge_clients import (OpenAIClient, RetryPolicy, SamplingParams, SGLangClient,
                                             parse_retry_after)
+from prm_jax.labeling.solutions import Solution, read_solutions
 from prm_jax.records import RecordError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -518,7 +519,8 @@ def test_local_backend_round_trip(tmp_path, toy_tokenizer_dir, toy_tokenizer):
     from transformers import Qwen2Config as HFConfig
     from transformers import Qwen2ForCausalLM as HFCausalLM
 
-    from prm_jax.labeling.judge_clients import LocalClient
+    from prm_jax.labeling.commands import local_client
+    from prm_jax.models.hf import load_causal_lm
     from prm_jax.sampling.sampler import generate
 
     torch.manual_seed(0)
@@ -531,7 +533,7 @@ def test_local_backend_round_trip(tmp_path, toy_tokenizer_dir, toy_tokenizer):
     tpl.write_text("---\nindex_base: 1\n---\n{problem}\n{steps}\n")
     sols = [Solution({"id": i, "problem": f"3 + {i} = ?", "steps": ["3 + 12 = 15", "15 * 4 = 60"]}, f"mem:{i}")
             for i in range(2)]
-    client = LocalClient(str(model_dir), SamplingParams(max_new_tokens=6, temperature=0.0))
+    client = local_client(str(model_dir), str(model_dir), SamplingParams(max_new_tokens=6, temperature=0.0))
     out = tmp_path / "out.jsonl"
     s = run(judge_with(client, sols, out, template=str(tpl), batch_size=2))
     recs = read_out(out)
@@ -543,6 +545,7 @@ def test_local_backend_round_trip(tmp_path, toy_tokenizer_dir, toy_tokenizer):
     ids = toy_tokenizer.encode(toy_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
                                add_special_tokens=False)
     # the same batch shape as the client's call, so no new compilation
-    direct = generate(client.model, [ids, ids], max_new_tokens=6, temperature=0.0, stop_ids=client.stop_ids)[0]
+    direct = generate(load_causal_lm(str(model_dir)), [ids, ids], max_new_tokens=6, temperature=0.0,
+                      stop_ids=sorted(client.stop_ids))[0]
     expect = toy_tokenizer.decode([t for t in direct if t not in client.stop_ids], skip_special_tokens=True)
     assert next(r for r in recs if r["id"] == 0)["judge"]["raw"] == expect

@@ -19,7 +19,8 @@ import pytest
 from prm_jax import demo as demo_module
 from prm_jax.evaluation.best_of_n import run_bon
 from prm_jax.evaluation.processbench import run_processbench
-from prm_jax.labeling.judge import Solution, judge_solutions, load_template
+from prm_jax.labeling.judge import judge_solutions, load_template
+from prm_jax.labeling.solutions import Solution
 from prm_jax.labeling.judge_clients import OpenAIClient, SamplingParams
 from prm_jax.records import OutputLockedError, RecordError, ResumableWriter
 

@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from prm_jax.errors import InputError
 from prm_jax.grading import last_boxed
-from prm_jax.records import RecordError, ResumableWriter, iter_lines, write_jsonl
+from prm_jax.labeling.solutions import Solution
+from prm_jax.records import ResumableWriter, iter_lines, write_jsonl
 
 VERDICT_STYLES = ("conclusion", "boxed", "auto")
 # A kill -9 loses nothing that os.write returned from (the page cache outlives the process); fsync
@@ -279,34 +280,6 @@ class ReplyCache:
 
 
 # --------------------------------------------------------------------------- judging loop
-
-@dataclasses.dataclass(frozen=True)
-class Solution:
-    """A solution to judge, with where it came from (for error messages)."""
-    record: dict[str, Any]
-    where: str
-
-    @property
-    def id(self) -> Any:
-        return self.record["id"]
-
-
-def read_solutions(path: str) -> list[Solution]:
-    """Solution records; each needs an id, a problem string and a list of string steps (empty when
-    the policy wrote nothing: `prm-jax judge` leaves those out, as there is nothing to judge)."""
-    out, seen = [], {}
-    for line in iter_lines(path):
-        rid = line.get("id", (str, int))
-        line.get("problem", str)
-        steps = line.get("steps", list)
-        if not all(isinstance(s, str) for s in steps):
-            raise RecordError(f"{line.where()}: key 'steps' should be a list of strings")
-        if rid in seen:
-            raise RecordError(f"{line.where()}: duplicate id {rid!r} (first at line {seen[rid]})")
-        seen[rid] = line.lineno
-        out.append(Solution(line.record, line.where()))
-    return out
-
 
 @dataclasses.dataclass
 class JudgeSummary:

@@ -5,8 +5,8 @@
   "sampling_params": {...}}`); several prompts can share one request. `GET /health` and
   `GET /get_model_info` are checked at start.
 - `OpenAIClient`: `POST /v1/chat/completions` on any OpenAI-compatible server (SGLang, vLLM, ...).
-- `LocalClient`: no server; the prompt runs through prm_jax's own JAX sampler on a local HF chat
-  model (the TPU path).
+- `LocalClient`: no server; the prompt runs through an in-process generate function (`prm-jax judge
+  --api local` gives it prm_jax's JAX sampler on a local HF chat model: the TPU path).
 
 Requests go through one aiohttp session with a pool of `concurrency` keep-alive connections
 (http:// or https://). Each has a timeout and is retried with exponential backoff and jitter on
@@ -28,7 +28,7 @@ import json
 import random
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -352,33 +352,22 @@ class SGLangClient(HTTPClient):
 
 
 class LocalClient:
-    """The judge prompt through prm_jax.generate on a local HF chat model (no server).
+    """Judge prompts through an in-process `generate(prompt_ids) -> new token ids per prompt` (the
+    TPU path: no server; `prm-jax judge --api local` passes the JAX sampler on a local model).
+    Stop tokens in a reply (`stop_ids`) are dropped before decoding.
 
     Generation runs in a worker thread, one batch at a time, so the event loop stays free."""
 
-    def __init__(self, model_path: str, sampling: SamplingParams, *, tokenizer=None, model=None,
-                 model_name: str | None = None):
-        if model is None:
-            from prm_jax.models.hf import load_causal_lm
-
-            model = load_causal_lm(model_path)
-        if tokenizer is None:
-            from prm_jax.models.hf import load_tokenizer
-
-            tokenizer = load_tokenizer(model_path)
-        self.model = model
+    def __init__(self, generate: Callable[[list[list[int]]], Sequence[Sequence[int]]], tokenizer,
+                 sampling: SamplingParams, *, model_name: str, stop_ids: Sequence[int] = ()):
+        self.generate = generate
         self.tokenizer = tokenizer
         self.sampling = sampling
-        self.model_name = model_name or model_path
+        self.model_name = model_name
+        self.stop_ids = frozenset(stop_ids)
         self.concurrency = 1
         self.counters = Counters()
         self._lock = asyncio.Lock()
-        stop = {self.tokenizer.eos_token_id}
-        for tok in ("<|im_end|>", "<|endoftext|>"):
-            tid = self.tokenizer.convert_tokens_to_ids(tok)
-            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
-                stop.add(tid)
-        self.stop_ids = sorted(t for t in stop if t is not None)
 
     def sampling_dict(self) -> dict[str, Any]:
         return self.sampling.as_dict()
@@ -390,14 +379,10 @@ class LocalClient:
         return None
 
     def _generate(self, prompts: Sequence[Messages]) -> list[Reply]:
-        from prm_jax.sampling.sampler import generate
-
-        s = self.sampling
         ids = [self.tokenizer.encode(
             self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
             add_special_tokens=False) for m in prompts]
-        outs = generate(self.model, ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                        top_p=s.top_p, top_k=max(s.top_k, 0), seed=s.seed, stop_ids=self.stop_ids)
+        outs = self.generate(ids)
         replies = []
         for p, o in zip(ids, _token_lists(outs, len(ids))):
             o = [t for t in o if t not in self.stop_ids]

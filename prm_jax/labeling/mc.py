@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from prm_jax.data.prm_format import DEFAULT_SYSTEM_PROMPT
 from prm_jax.errors import InputError
+from prm_jax.sampling.ids import default_stop_ids, stable_key_id
 from prm_jax import grading
 from prm_jax.data.steps import join_steps, policy_prompt_ids, rollout_prefix_ids
 
@@ -263,20 +263,3 @@ class SamplerPolicy:
             self.tokens_generated += sum(len(ids) for ids in per_prefix)
             texts.append([self.tokenizer.decode(ids, skip_special_tokens=True) for ids in per_prefix])
         return texts
-
-
-def stable_key_id(key: str) -> int:
-    """A 31-bit id for a string key, the same in every process and run (unlike hash())."""
-    return zlib.crc32(key.encode("utf-8")) & 0x7FFFFFFF
-
-
-def default_stop_ids(tokenizer) -> list[int]:
-    """eos plus the chat end-of-turn and end-of-text tokens when the tokenizer has them."""
-    ids = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    for name in ("<|im_end|>", "<|endoftext|>"):
-        if name in vocab and vocab[name] not in ids:
-            ids.append(int(vocab[name]))
-    return ids

@@ -1,6 +1,7 @@
-"""`prm-jax sample` (policy solutions for problems) and `prm-jax rollout` (MC step labels).
+"""`prm-jax sample` (policy solutions for problems), and the plumbing every stage that runs the policy
+shares (flags, setup, loading, the context-length rule); `prm-jax rollout` is labeling's.
 
-Both append their output record by record through ResumableWriter as each batch finishes: a
+Sample and rollout append their output record by record through ResumableWriter as each batch finishes: a
 restart on the same --out skips the ids already written, and a kill -9 loses at most the batch in
 flight (never a duplicated or torn line). Randomness is tied to record ids (sample k of problem p,
 rollout j of step i of solution s), not to batches, so a resumed run draws what the first would
@@ -43,32 +44,11 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=nonneg_int, default=0, help="0 = off")
     p.add_argument("--max-new-tokens", type=positive_int, default=1024)
     p.add_argument("--batch-size", type=positive_int, default=16, help="problems per batch (n rows each)")
-    _common(p)
+    add_policy_flags(p)
     p.set_defaults(func=run_sample)
 
-    p = sub.add_parser("rollout", help="Monte-Carlo step labels: N rollouts from every step prefix",
-                       description="For every solution and step i, let the policy finish N times from "
-                                   "problem + steps[:i+1] and count the rollouts reaching the gold answer (a finished "
-                                   "solution's last step counts its own answer, N times or none); "
-                                   "writes solution + mc records; resumable.")
-    p.add_argument("--policy", required=True, type=model_dir, help="policy directory (HF Qwen2ForCausalLM + tokenizer)")
-    p.add_argument("--solutions", required=True, type=input_file, help='solution records (JSONL with "id","problem","answer","steps")')
-    p.add_argument("--out", required=True, help="MC-labelled records (JSONL; appended, resumable)")
-    p.add_argument("--n", type=positive_int, default=8, help="rollouts per step prefix")
-    p.add_argument("--threshold", type=nonneg_int, default=0, help="a step is positive iff correct rollouts > this")
-    p.add_argument("--mode", choices=("all", "first-error", "binary"), default="all",
-                   help="all steps; stop at the first hard negative; binary search for it (assumes monotonicity)")
-    p.add_argument("--temperature", type=nonneg_float, default=0.7)
-    p.add_argument("--top-p", type=top_p, default=0.8)
-    p.add_argument("--top-k", type=nonneg_int, default=0, help="0 = off")
-    p.add_argument("--max-new-tokens", type=positive_int, default=1024)
-    p.add_argument("--batch-size", type=positive_int, default=8, help="solutions labelled together")
-    p.add_argument("--max-prefixes", type=positive_int, default=64, help="step prefixes per sampler call")
-    _common(p)
-    p.set_defaults(func=run_rollout)
 
-
-def _common(p: argparse.ArgumentParser) -> None:
+def add_policy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "data=4,tensor=2" (default: all devices on data)')
     p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: the checkpoint's)")
@@ -84,7 +64,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 # -- input ------------------------------------------------------------------------------------------
 
-def _answer(line) -> str:
+def gold_answer(line) -> str:
     ans = line.get("answer", (str, int, float))
     if isinstance(ans, bool):
         raise RecordError(f"{line.where()}: key 'answer' should be str or a number, got bool")
@@ -126,31 +106,15 @@ def read_problems(path: str, fmt: str = "auto") -> list[dict[str, Any]]:
         line.get("id", (str, int))
         line.get("problem", str)
         rec = dict(line.record)
-        rec["answer"] = _answer(line)
+        rec["answer"] = gold_answer(line)
         out.append((line.where(), rec))
     _check_unique(out, path)
     return [r for _, r in out]
 
 
-def read_solutions(path: str) -> list[dict[str, Any]]:
-    """Solution records; each needs id, problem, answer (gold) and steps (list of strings)."""
-    out = []
-    for line in iter_lines(os.fspath(path)):
-        line.get("id", (str, int))
-        line.get("problem", str)
-        steps = line.get("steps", list)
-        if not all(isinstance(s, str) for s in steps):
-            raise RecordError(f"{line.where()}: key 'steps' should be a list of strings")
-        rec = dict(line.record)
-        rec["answer"] = _answer(line)
-        out.append((line.where(), rec))
-    _check_unique(out, os.fspath(path))
-    return [r for _, r in out]
-
-
 # -- shared plumbing ---------------------------------------------------------------------------------
 
-def _setup(args):
+def setup_run(args):
     """(process index, process count, mesh or None, output path) for this host."""
     import jax
 
@@ -164,7 +128,7 @@ def _setup(args):
     return pidx, pcount, mesh, part_path(args.out, pidx, pcount)
 
 
-def _load_policy(args, mesh, tokenizer):
+def load_policy(args, mesh, tokenizer):
     from prm_jax.models.hf import load_causal_lm
 
     t0 = time.perf_counter()
@@ -188,13 +152,13 @@ def check_context(args, tokenizer, prompts: Iterator[tuple[Any, list[int]]], wha
                              f"(shorten or drop it, or lower --max-new-tokens)")
 
 
-def _progress(total: int, desc: str, disable: bool):
+def progress_bar(total: int, desc: str, disable: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="rec", disable=disable, dynamic_ncols=True)
 
 
-def _system(args) -> str | None:
+def system_prompt(args) -> str | None:
     return args.system_prompt or None
 
 
@@ -202,7 +166,7 @@ def _system(args) -> str | None:
 
 def run_sample(args) -> int:
     from prm_jax.grading import Grader, extract_answer
-    from prm_jax.labeling.mc import default_stop_ids, stable_key_id
+    from prm_jax.sampling.ids import default_stop_ids, stable_key_id
     from prm_jax.data.steps import policy_prompt_ids, split_steps
     from prm_jax.models.hf import load_tokenizer
     from prm_jax.records import ResumableWriter, process_shard
@@ -210,9 +174,9 @@ def run_sample(args) -> int:
     problems = read_problems(args.problems, args.format)
     require_records(problems, args.problems, args.allow_empty)
     tok = load_tokenizer(args.policy)
-    check_context(args, tok, ((p["id"], policy_prompt_ids(tok, p["problem"], _system(args))) for p in problems),
+    check_context(args, tok, ((p["id"], policy_prompt_ids(tok, p["problem"], system_prompt(args))) for p in problems),
                   "the prompt")
-    pidx, pcount, mesh, out_path = _setup(args)
+    pidx, pcount, mesh, out_path = setup_run(args)
     problems = process_shard(problems, pidx, pcount)
     generator = os.path.basename(os.path.normpath(args.policy))
     t0 = time.perf_counter()
@@ -225,12 +189,12 @@ def run_sample(args) -> int:
         if todo:
             from prm_jax.sampling.sampler import generate_from_prefixes
 
-            model = _load_policy(args, mesh, tok)
+            model = load_policy(args, mesh, tok)
             stops = default_stop_ids(tok)
-            bar = _progress(len(todo), "sample", args.no_progress)
+            bar = progress_bar(len(todo), "sample", args.no_progress)
             for start in range(0, len(todo), args.batch_size):
                 batch = todo[start:start + args.batch_size]
-                prompts = [policy_prompt_ids(tok, p["problem"], _system(args)) for p in batch]
+                prompts = [policy_prompt_ids(tok, p["problem"], system_prompt(args)) for p in batch]
                 outs = generate_from_prefixes(model, prompts, args.n, args.max_new_tokens,
                                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                               seed=args.seed, stop_ids=stops, mesh=mesh,
@@ -262,72 +226,4 @@ def run_sample(args) -> int:
     if todo:
         from prm_jax.sampling.sampler import total_stats
         print(f"sample: {total_stats().summary()}")
-    return 0
-
-
-# -- rollout --------------------------------------------------------------------------------------------
-
-def run_rollout(args) -> int:
-    from prm_jax.grading import Grader
-    from prm_jax.labeling.mc import MCConfig, SamplerPolicy, hard_labels, label_solutions
-    from prm_jax.data.steps import rollout_prefix_ids
-    from prm_jax.models.hf import load_tokenizer
-    from prm_jax.records import ResumableWriter, process_shard
-
-    try:
-        cfg = MCConfig(n=args.n, threshold=args.threshold, mode=args.mode, max_prefixes=args.max_prefixes)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    solutions = read_solutions(args.solutions)
-    require_records(solutions, args.solutions, args.allow_empty)
-    tok = load_tokenizer(args.policy)
-    check_context(args, tok, ((s["id"], rollout_prefix_ids(tok, s["problem"], s["steps"], len(s["steps"]) - 1,
-                                                          _system(args)))
-                              for s in solutions if s["steps"]), "the longest rollout prefix")
-    pidx, pcount, mesh, out_path = _setup(args)
-    solutions = process_shard(solutions, pidx, pcount)
-    t0 = time.perf_counter()
-    stats = collections.Counter()
-    first_errors: collections.Counter = collections.Counter()
-    with ResumableWriter(out_path) as out, Grader(args.grade_workers, args.grade_timeout) as grader:
-        todo = [s for s in solutions if s["id"] not in out.done]
-        print(f"rollout: {len(solutions)} solutions, {len(solutions) - len(todo)} already done in {out_path}",
-              file=sys.stderr)
-        policy = None
-        if todo:
-            model = _load_policy(args, mesh, tok)
-            policy = SamplerPolicy(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                                   system_prompt=_system(args), mesh=mesh)
-            bar = _progress(len(todo), f"rollout ({args.mode}, n={args.n})", args.no_progress)
-            for start in range(0, len(todo), args.batch_size):
-                batch = todo[start:start + args.batch_size]
-                mcs = label_solutions(batch, policy, cfg, grade=grader.grade_many)
-                for s, mc in zip(batch, mcs):
-                    if out.write({**s, "mc": mc}):
-                        labels = hard_labels(mc)
-                        stats["written"] += 1
-                        stats["steps"] += len(labels)
-                        stats["evaluated"] += sum(c is not None for c in mc["correct"])
-                        stats["positive"] += sum(labels)
-                        stats["rollouts"] += mc["rollouts"]
-                        first_errors[mc["first_error"]] += 1
-                bar.update(len(batch))
-                bar.set_postfix(rollouts=stats["rollouts"])
-            bar.close()
-    dt = time.perf_counter() - t0
-    n = stats["written"]
-    tokens = policy.tokens_generated if policy else 0
-    print(f"rollout: wrote {n} MC-labelled solutions to {out_path} in {dt:.1f}s; mode {args.mode}, "
-          f"n={args.n}, threshold {args.threshold}")
-    print(f"rollout: {stats['rollouts']} rollouts ({stats['rollouts'] / max(dt, 1e-9):.1f}/s, {tokens} tokens), "
-          f"{stats['evaluated']} of {stats['steps']} steps evaluated")
-    if n:
-        none = first_errors.pop(-1, 0)
-        mean_fe = (sum(k * v for k, v in first_errors.items()) / sum(first_errors.values())) if first_errors else 0.0
-        print(f"rollout: steps positive {stats['positive'] / max(stats['steps'], 1):.3f}; "
-              f"solutions without an error {none}/{n}; mean first error (when one) {mean_fe:.2f}")
-    if policy:
-        from prm_jax.sampling.sampler import total_stats
-        print(f"rollout: {total_stats().summary()}")
     return 0

@@ -17,7 +17,7 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 
-from prm_jax.labeling.mc import default_stop_ids, stable_key_id
+from prm_jax.sampling.ids import default_stop_ids, stable_key_id
 from prm_jax.data.steps import STEP_SEPARATOR
 from prm_jax.sampling.sampler import generate_from_prefixes, stop_string_table
 
