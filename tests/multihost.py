@@ -51,17 +51,20 @@ def child_env(devices: int, extra: dict[str, str] | None = None) -> dict[str, st
     env["JAX_PLATFORMS"] = "cpu"
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["PYTHONUNBUFFERED"] = "1"
+    env["PRM_JAX_TEST_PARENT"] = str(os.getpid())
     env.update(extra or {})
     return env
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it if the test process dies (Linux), so even a killed pytest leaves no
-    JAX process behind."""
+def _die_with_parent(parent: int) -> None:
+    """In the child (after exec: no Python between fork and exec in a multithreaded test process): SIGKILL it
+    when the test process dies (Linux), so even a killed pytest leaves no JAX process behind."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
-        pass
+        return
+    if os.getppid() != parent:  # the parent died before prctl
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ChildFailed(AssertionError):
@@ -86,8 +89,7 @@ class MultiHost:
             with open(out, "wb") as fo, open(err, "wb") as fe:
                 self.procs.append(subprocess.Popen(
                     [sys.executable, os.path.abspath(__file__), json.dumps(commands), "--", *flags],
-                    cwd=REPO, env=env, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, start_new_session=True,
-                    preexec_fn=_die_with_parent))
+                    cwd=REPO, env=env, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, start_new_session=True))
             self.logs.append((out, err))
         return self
 
@@ -146,6 +148,8 @@ class MultiHost:
 
 def _child(argv: list[str]) -> int:
     """Run the JSON list of prm-jax argvs in argv[0], each with the flags after `--` appended."""
+    if os.environ.get("PRM_JAX_TEST_PARENT", "").isdigit():
+        _die_with_parent(int(os.environ["PRM_JAX_TEST_PARENT"]))
     from prm_jax.cli import main
 
     commands, flags = json.loads(argv[0]), argv[argv.index("--") + 1:]
