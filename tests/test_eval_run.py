@@ -259,18 +259,20 @@ def test_eval_uses_the_system_prompt_it_is_given(prm_dir, torch_scores, tmp_path
             assert not np.allclose(ref, torch_scores(r["problem"], r["steps"]), atol=1e-4)
 
 
-def test_blocked_causal_attention_equals_full_attention():
+@pytest.mark.parametrize("t", [300, 2200])
+def test_blocked_causal_attention_equals_full_attention(t):
     """The scorer's long inputs go through qwen2.causal_attention (query blocks skip future keys);
-    it must equal plain masked attention, here with right padding and 3 uneven blocks."""
+    it must equal plain masked attention, here with right padding and 3 (t=300) or 17 (t=2200)
+    uneven blocks."""
     import jax.numpy as jnp
 
     from prm_jax.models.qwen2 import attention, causal_attention, full_mask
 
     rng = np.random.default_rng(0)
-    b, t, h, kv, d = 2, 300, 4, 2, 8
+    b, h, kv, d = 2, 4, 2, 8
     q = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((b, kv, t, d)), jnp.float32) for _ in range(2))  # kv-head-major
-    pad = jnp.asarray(np.arange(t)[None] < np.array([[300], [170]]), jnp.int32)
+    pad = jnp.asarray(np.arange(t)[None] < np.array([[t], [170]]), jnp.int32)
     mask = full_mask(pad, None, b, t)
     import jax
 
