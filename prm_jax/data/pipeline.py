@@ -387,8 +387,9 @@ def place_batch(batch: dict[str, np.ndarray], mesh, accum_steps: int = 1) -> dic
     """Host batch [N, T] -> device arrays [accum, N/accum, T], the micro-batch axis split over the
     mesh's data axes (data+fsdp). Every host passes the same global batch; each device receives
     only its own slice (jax.make_array_from_callback), so this also serves multi-host runs."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    import jax  # start-up: the data workers never need it
+
+    from prm_jax.parallel.mesh import batch_sharding, batch_ways
 
     out = {}
     for k, a in batch.items():
@@ -399,9 +400,9 @@ def place_batch(batch: dict[str, np.ndarray], mesh, accum_steps: int = 1) -> dic
         if mesh is None:
             out[k] = jax.numpy.asarray(a)
             continue
-        ways = mesh.shape["data"] * mesh.shape["fsdp"]
+        ways = batch_ways(mesh)
         if a.shape[1] % ways:
             raise ValueError(f"micro-batch of {a.shape[1]} rows does not divide over data*fsdp={ways} devices")
-        sharding = NamedSharding(mesh, P(None, ("data", "fsdp"), *([None] * (a.ndim - 2))))
+        sharding = batch_sharding(mesh, a.ndim, axis=1)
         out[k] = jax.make_array_from_callback(a.shape, sharding, lambda idx, a=a: a[idx])
     return out

@@ -40,7 +40,7 @@ from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT, e
 from prm_jax.errors import InputError
 from prm_jax.evaluation.batching import BatchRules, padding_buckets, pick_bucket, plan_batches
 from prm_jax.models.prm import step_probs
-from prm_jax.parallel.mesh import shard_batch, state_shardings
+from prm_jax.parallel.mesh import batch_ways, shard_batch, state_shardings
 from prm_jax.records import OutputLock, ResumableWriter
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class PRMScorer:
         self.system_prompt = system_prompt
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # Every data shard needs whole rows: batch sizes are multiples of data*fsdp.
-        self.shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
+        self.shards = batch_ways(mesh)
         self.batch_size = self._round(batch_size)
         self.tokens_per_batch = tokens_per_batch
         self.rules = BatchRules(self.buckets, self.batch_size, tokens_per_batch, self.shards)

@@ -121,9 +121,16 @@ def state_shardings(state: Any, mesh: Mesh, rules=RULES) -> Any:
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Shard the leading (batch) axis over data+fsdp, replicate the rest."""
-    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int, axis: int = 0) -> NamedSharding:
+    """Shard array axis `axis` (the batch) over the rules' `batch` mesh axes, replicate the rest."""
+    spec: list = [None] * ndim
+    spec[axis] = RULES["batch"]
+    return NamedSharding(mesh, P(*spec))
+
+
+def batch_ways(mesh: Mesh | None) -> int:
+    """How many shards a batch is split into (1 without a mesh)."""
+    return 1 if mesh is None else math.prod(mesh.shape[a] for a in RULES["batch"])
 
 
 def shard_batch(x: Any, mesh: Mesh | None) -> Any:

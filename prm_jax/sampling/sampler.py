@@ -65,7 +65,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from prm_jax.parallel.mesh import batch_sharding, logical_spec, state_shardings
+from prm_jax.parallel.mesh import batch_sharding, batch_ways, logical_spec, state_shardings
 from prm_jax.sampling.select import Strategy, choose
 
 log = logging.getLogger(__name__)
@@ -406,7 +406,7 @@ def _setup(model, max_new_tokens: int, strategy: Strategy, temperature: float, t
     scalars = [rep(np.asarray(x, dt)) for x, dt in
                ((max_new_tokens, np.int32), (max(temperature, 1e-6), np.float32), (top_p, np.float32))]
     table = np.zeros((1, 1), np.int32) if stop_table is None else np.asarray(stop_table, np.int32)
-    return _Call(graphdef, params, mesh, 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"],
+    return _Call(graphdef, params, mesh, batch_ways(mesh),
                  bucket(max_new_tokens, 8), strategy, return_logprobs, stop_table is not None, scalars,
                  rep(stop_arr), rep(table), rep(jax.random.key(seed)), put, rep)
 

@@ -46,7 +46,6 @@ def run_problems(problems: Sequence[tuple[Any, str, Sequence[int]]], stepper: St
         asks = [(p, node, copies) for p in live for node, copies in p.strategy.requests()]
         ends = {id(p): p.strategy.to_end for p in live}
         children: dict[int, list[list[Node]]] = {id(p): [] for p in live}
-        texts: list[tuple[Problem, Node, list[int]]] = []  # (problem, child, ids the PRM reads)
         for to_end in (False, True):
             group = [a for a in asks if ends[id(a[0])] == to_end]
             segs = stepper.run([Request(p.prompt + node.tokens, node_key(p.id, node.path), copies)

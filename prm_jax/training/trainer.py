@@ -141,7 +141,7 @@ def opt_state_shardings(tx, params_abstract, param_shardings, mesh) -> Any:
 
 def batch_sharding(mesh) -> NamedSharding:
     """Every batch array is [accum, micro, length]: micro-batch rows over the data axes."""
-    return NamedSharding(mesh, P(None, ("data", "fsdp"), None))
+    return pmesh.batch_sharding(mesh, 3, axis=1)
 
 
 def _forward_loss(graphdef, loss_fn, params, mb, packed: bool = True):
@@ -342,7 +342,7 @@ def train(config: TrainConfig, train_file: str, out_dir: str, *, init_dir: str |
     primary = jax.process_index() == 0  # the one process that writes metrics, summary and tokenizer
     mesh = pmesh.make_mesh(run.mesh, devices=mesh_devices(run.mesh, devices))
     n_devices = mesh.devices.size
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    ways = pmesh.batch_ways(mesh)
     accum = cfg.optim.accum_steps
     if dcfg.batch_size % accum or (dcfg.batch_size // accum) % ways:
         raise InputError(f"data.batch_size={dcfg.batch_size} must split into optim.accum_steps={accum} micro-batches "
