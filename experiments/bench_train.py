@@ -6,7 +6,7 @@ global-norm clipping 1.0, batch 8, max length 512, on the same records: ProcessB
 turned into training records (steps up to the first error; 1 before it, 0 at it). Each part runs in
 its own process so its peak memory (max RSS) is its own.
 
-- jax:   prm_jax.training.trainer.make_train_step on one CPU device; batches from our pipeline
+- jax:   prm_jax.training.step.make_train_step on one CPU device; batches from our pipeline
          (chat template + step token ids), each batch padded to the next multiple of 64 (one
          compilation per length; the compilations and one warm-up step per length are not timed);
          logits read at the step tokens alone, as the trainer does (pipeline.with_score_positions).
@@ -101,7 +101,7 @@ def part_jax(work: str, steps: int) -> dict:
     from prm_jax.models.prm import Qwen2PRM
     from prm_jax.models.qwen2 import Qwen2Config
     from prm_jax.parallel import mesh as pmesh
-    from prm_jax.training import trainer
+    from prm_jax.training import step as ts
     from prm_jax.training.config import apply_overrides, TrainConfig
 
     groups, pad = encoded_batches(work, steps)
@@ -113,10 +113,10 @@ def part_jax(work: str, steps: int) -> dict:
     psh = nnx.to_pure_dict(pmesh.state_shardings(state, mesh))
     params = jax.device_put(nnx.to_pure_dict(state), psh)
     del model, state
-    tx = trainer.make_optimizer(tcfg)
-    osh, _ = trainer.opt_state_shardings(tx, params, psh, mesh)
+    tx = ts.make_optimizer(tcfg)
+    osh, _ = ts.opt_state_shardings(tx, params, psh, mesh)
     opt_state = jax.jit(tx.init, out_shardings=osh)(params)
-    step = trainer.make_train_step(graphdef, "prm", tx, mesh, psh, osh)
+    step = ts.make_train_step(graphdef, "prm", tx, mesh, psh, osh)
     compiled = {}
 
     def timed(batches):

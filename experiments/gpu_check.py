@@ -12,8 +12,8 @@ Random weights (speed does not depend on them), made leaf by leaf by one small c
 distinct shape (a single jitted init of the whole 1.5B model took 5.5 min to compile on an H200);
 compile time is excluded and printed apart. Every variant runs; one that fails (e.g. out of memory
 without remat) is reported and the rest go on.
-MFU uses the trainer's FLOP formula (prm_jax.training.trainer.train_flops_per_token) and the
-device's dense bf16 peak (prm_jax.training.trainer.PEAK_FLOPS).
+MFU uses the trainer's FLOP formula (prm_jax.training.metrics.train_flops_per_token) and the
+device's dense bf16 peak (prm_jax.training.metrics.PEAK_FLOPS).
 """
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def train_mfu(variant: str, seq: int, preset: str, steps: int = 6) -> None:
     from prm_jax.models.prm import Qwen2PRM
     from prm_jax.models.qwen2 import Qwen2Config
     from prm_jax.parallel import mesh as pmesh
-    from prm_jax.training import trainer as T
+    from prm_jax.training import metrics as tm
+    from prm_jax.training import step as ts
     from prm_jax.training.config import TrainConfig
 
     attn, remat, batch = variant.split("/")
@@ -66,17 +67,17 @@ def train_mfu(variant: str, seq: int, preset: str, steps: int = 6) -> None:
     params = quick_params(nnx.to_pure_dict(abs_state), param_sh)
     jax.block_until_ready(params)
     init_s = time.perf_counter() - t0
-    tx = T.make_optimizer(TrainConfig())
-    opt_sh, _ = T.opt_state_shardings(tx, jax.eval_shape(lambda: params), param_sh, mesh)
+    tx = ts.make_optimizer(TrainConfig())
+    opt_sh, _ = ts.opt_state_shardings(tx, jax.eval_shape(lambda: params), param_sh, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    step = T.make_train_step(graphdef, "prm", tx, mesh, param_sh, opt_sh, packed=attn == "packed")
+    step = ts.make_train_step(graphdef, "prm", tx, mesh, param_sh, opt_sh, packed=attn == "packed")
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, (1, batch, seq), dtype=np.int32)
     labels = np.full((1, batch, seq), -100, np.int32)
     labels[:, :, 63::64] = rng.integers(0, 2, labels[:, :, 63::64].shape)  # a step token every 64 tokens
     b = {"input_ids": ids, "labels": labels, "segment_ids": np.ones_like(ids),
          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy()}
-    b = jax.device_put(b, T.batch_sharding(mesh))
+    b = jax.device_put(b, ts.batch_sharding(mesh))
     t0 = time.perf_counter()
     params, opt_state, m = step(params, opt_state, b)
     jax.block_until_ready(m)
@@ -89,8 +90,8 @@ def train_mfu(variant: str, seq: int, preset: str, steps: int = 6) -> None:
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
     tokens = batch * seq
-    flops = T.train_flops_per_token(cfg, "prm", seq) * tokens
-    peak = T.peak_flops_per_device(jax.devices()[0].device_kind) or float("nan")
+    flops = tm.train_flops_per_token(cfg, "prm", seq) * tokens
+    peak = tm.peak_flops_per_device(jax.devices()[0].device_kind) or float("nan")
     mfu = flops / dt / peak
     mem = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / 2**30
     print(f"train PRM {preset} shape, bf16 compute / f32 master, attention={attn}, remat={remat}, "

@@ -16,6 +16,7 @@ import pytest
 
 from prm_jax import cli
 from prm_jax.training import checkpoint as ck
+from prm_jax.training import metrics as tm
 from prm_jax.training import trainer
 from prm_jax.training.config import apply_overrides, load_config
 
@@ -93,14 +94,14 @@ def test_sigterm_step_is_on_disk_when_reported_and_resume_reaches_the_full_run(b
     if how == "callback":
         callbacks = [lambda step: step == at and os.kill(os.getpid(), signal.SIGTERM)]
     else:
-        log_row = trainer._log_row
+        log_row = tm.log_row
 
         def late_sigterm(step, *a):
             row = log_row(step, *a)
             if step == at:
                 os.kill(os.getpid(), signal.SIGTERM)  # a real signal, handled by the trainer's handler
             return row
-        monkeypatch.setattr(trainer, "_log_row", late_sigterm)
+        monkeypatch.setattr(tm, "log_row", late_sigterm)
     reports = _SigtermReports(os.path.join(out, "checkpoints"))
     logging.getLogger(trainer.__name__).addHandler(reports)
     try:

@@ -17,6 +17,8 @@ from prm_jax.models.prm import Qwen2PRM
 from prm_jax.models.qwen2 import Qwen2Config
 from prm_jax.parallel.mesh import make_mesh
 from prm_jax.training import losses, trainer
+from prm_jax.training import metrics as tm
+from prm_jax.training import step as ts
 from prm_jax.training.config import TrainConfig, apply_overrides, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,7 +151,7 @@ def test_packed_and_unpacked_batches_give_the_same_loss(toy_examples):
         packed["segment_ids"][0, at:at + n] = s
         packed["positions"][0, at:at + n] = np.arange(n)
         at += n
-    f = jax.jit(lambda p, b: trainer._forward_loss(graphdef, losses.prm_hard, p, b))
+    f = jax.jit(lambda p, b: ts._forward_loss(graphdef, losses.prm_hard, p, b))
     lu, nu, cu = f(params, {k: jnp.asarray(v) for k, v in unpacked.items()})
     lp, np_, cp = f(params, {k: jnp.asarray(v) for k, v in packed.items()})
     assert int(nu) == int(np_) == sum(int((e["labels"] != -100).sum()) for e in exs)
@@ -163,11 +165,11 @@ def _run_steps(cfg_train, mesh, params0, batches, accum):
     graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: Qwen2PRM(model_cfg, nnx.Rngs(0))))
     from prm_jax.parallel.mesh import state_shardings
     psh = nnx.to_pure_dict(state_shardings(abs_state, mesh))
-    tx = trainer.make_optimizer(cfg_train)
-    osh, _ = trainer.opt_state_shardings(tx, nnx.to_pure_dict(abs_state), psh, mesh)
+    tx = ts.make_optimizer(cfg_train)
+    osh, _ = ts.opt_state_shardings(tx, nnx.to_pure_dict(abs_state), psh, mesh)
     params = jax.device_put(params0, psh)
     opt_state = jax.jit(tx.init, out_shardings=osh)(params)
-    step = trainer.make_train_step(graphdef, "prm", tx, mesh, psh, osh)
+    step = ts.make_train_step(graphdef, "prm", tx, mesh, psh, osh)
     out = []
     for b in batches:
         params, opt_state, m = step(params, opt_state, pl.place_batch(b, mesh, accum))
@@ -285,12 +287,12 @@ def test_flop_formula_counts_every_matmul_parameter():
         cfg = tiny_model_cfg()
         state = nnx.to_flat_state(nnx.state(cls(cfg, nnx.Rngs(0))))
         kernels = sum(int(np.prod(v.get_value().shape)) for p, v in state if p[-1] == "kernel")
-        assert trainer.matmul_params(cfg, arch) == kernels
+        assert tm.matmul_params(cfg, arch) == kernels
         T = 64
         attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * T
-        assert trainer.train_flops_per_token(cfg, arch, T) == 6 * kernels + attention
-    assert trainer.peak_flops_per_device("TPU v5p") == 459e12
-    assert trainer.peak_flops_per_device("cpu") is None and trainer.peak_flops_per_device("cpu", 1e12) == 1e12
+        assert tm.train_flops_per_token(cfg, arch, T) == 6 * kernels + attention
+    assert tm.peak_flops_per_device("TPU v5p") == 459e12
+    assert tm.peak_flops_per_device("cpu") is None and tm.peak_flops_per_device("cpu", 1e12) == 1e12
 
 
 def test_dense_matmul_backward_equals_autodiff():

@@ -73,6 +73,17 @@ def parse_mesh_spec(spec: str | None, n_devices: int) -> dict[str, int]:
     return sizes
 
 
+def mesh_devices(spec: str | None, devices: Sequence[Any] | None = None) -> list:
+    """The devices a mesh spec uses: a spec without -1 that names fewer devices than are present
+    (e.g. "fsdp=2" on 8) takes the first ones; otherwise all of them (make_mesh checks the spec)."""
+    devices = list(devices if devices is not None else jax.devices())
+    if spec and "-1" not in spec:
+        sizes = [part.partition("=")[2].strip() for part in spec.split(",")]
+        if all(s.isdigit() for s in sizes) and math.prod(int(s) for s in sizes) < len(devices):
+            return devices[:math.prod(int(s) for s in sizes)]
+    return devices
+
+
 def make_mesh(spec: str | tuple[int, int, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
     """A Mesh over `devices` (default: all) with axes (data, fsdp, tensor)."""
     devices = list(devices if devices is not None else jax.devices())
