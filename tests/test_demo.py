@@ -447,7 +447,7 @@ def test_demo_search_stage_runs_both_strategies_at_the_same_n(tmp_path):
 
 def test_demo_claims_by_hand():
     """The report's claims (issue 28 a-d) from hand-made figures: each holds only when strictly better."""
-    from prm_jax.demo import claims
+    from prm_jax.toyworld.report import claims
 
     lq = {"mc": {"first_error_accuracy": 0.6}, "judge": {"first_error_accuracy": 0.7},
           "consensus": {"first_error_accuracy": 0.7}}

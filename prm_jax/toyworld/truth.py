@@ -18,6 +18,7 @@ one ("this step is wrong": `step_precision`, `step_recall`, `step_f1`); the same
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -183,3 +184,18 @@ def clean_nan(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [clean_nan(v) for v in obj]
     return obj
+
+
+def simulated_judge(solutions: list[dict], error_rate: float, seed: int) -> list[dict]:
+    """The truth with injected mistakes: with probability `error_rate` the verdict is moved to
+    another step (or to "no error"). Labelled "simulated" in the records and the report."""
+    rng = random.Random(seed)
+    out = []
+    for sol in solutions:
+        truth = check_steps(sol, sol["steps"]).first_error
+        verdict = truth
+        if truth is not None and rng.random() < error_rate:
+            verdict = rng.choice([k for k in range(-1, len(sol["steps"])) if k != truth] or [truth])
+        out.append({**sol, "judge": {"first_error": verdict, "model": f"simulated(error_rate={error_rate})",
+                                     "raw": ""}})
+    return out

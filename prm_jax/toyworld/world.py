@@ -598,3 +598,8 @@ def tokenizer_corpus(n: int = 400, seed: int = 0, cfg: WorldConfig = WorldConfig
                     texts.append(render_problem(world) + f" {singular}")
     texts.extend(extra_texts)
     return texts
+
+
+def failure_shares(cfg) -> dict[str, float]:
+    """The WorldConfig's shares of MC's failure modes, as `world.sample_solutions` takes them."""
+    return {k: getattr(cfg, k) for k in ("restart_rate", "check_rate", "slip_rate")}
