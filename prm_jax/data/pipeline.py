@@ -32,6 +32,7 @@ import grain
 import numpy as np
 
 from prm_jax.data.prm_format import DEFAULT_SYSTEM_PROMPT
+from prm_jax.data.steps import join_steps
 from prm_jax.errors import InputError
 from prm_jax.records import Line, RecordError, iter_lines
 
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 
 IGNORE = -100
 OBJECTIVES = ("prm", "prm-soft", "lm")
-LM_STEP_JOINER = "\n\n"  # how the policy separates steps in its response
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +111,7 @@ def validate_record(line: Line, opts: EncodeOptions) -> dict[str, Any]:
         has_steps, has_text = "steps" in line.record, "text" in line.record
         if has_steps == has_text:
             raise RecordError(f"{line.where()}: an LM record needs exactly one of 'steps' (list of str) or 'text' (str)")
-        response = LM_STEP_JOINER.join(_str_list(line, "steps")) if has_steps else line.get("text", str)
+        response = join_steps(_str_list(line, "steps")) if has_steps else line.get("text", str)
         if not response:
             raise RecordError(f"{line.where()}: the response is empty")
         return {"id": rid, "problem": problem, "response": response}

@@ -25,8 +25,10 @@ import os
 import re
 from collections.abc import Sequence
 
+from prm_jax.data.steps import join_steps
 from prm_jax.errors import InputError
 from prm_jax.evaluation import metrics
+from prm_jax.grading import extract_answer
 from prm_jax.evaluation.scoring import holding_out_dir
 from prm_jax.records import RecordError, iter_lines, read_jsonl
 
@@ -71,8 +73,7 @@ def load_responses(path: str) -> list[Response]:
         if "final_answer" in line.record:
             final = line.get("final_answer", (str, int, float, type(None)))
         else:  # not extracted by the sampler: extract from the solution text
-            from prm_jax.grading import extract_answer
-            final = extract_answer("\n\n".join(steps))
+            final = extract_answer(join_steps(steps))
         group, k = group_of(line.record)
         out.append(Response(rid, group, k, problem, str(answer), tuple(steps),
                             None if final is None else str(final)))

@@ -35,11 +35,11 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from prm_jax import grading
 from prm_jax.data.prm_format import DEFAULT_SYSTEM_PROMPT
+from prm_jax.data.steps import STEP_SEPARATOR, join_steps, policy_prompt_ids, rollout_prefix_ids
 from prm_jax.errors import InputError
 from prm_jax.sampling.ids import default_stop_ids, stable_key_id
-from prm_jax import grading
-from prm_jax.data.steps import join_steps, policy_prompt_ids, rollout_prefix_ids
 
 MODES = ("all", "first-error", "binary")
 
@@ -172,7 +172,7 @@ def _count_correct(solutions, finals, todo, policy: Policy, cfg: MCConfig, grade
                              f"{len(requests)} requests of n={cfg.n}")
         preds, golds = [], []
         for req, (j, _), outs in zip(requests, rolled, completions):
-            head = join_steps(req.steps) + "\n\n"
+            head = join_steps(req.steps) + STEP_SEPARATOR
             for text in outs:
                 preds.append(grading.extract_answer(head + text))
                 golds.append(str(solutions[j]["answer"]))

@@ -6,6 +6,7 @@ import logging
 import os
 
 from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT
+from prm_jax.data.steps import STEP_SEPARATOR
 from prm_jax.flags import (add_allow_empty, input_file, model_dir, nonneg_float, nonneg_int, positive_float,
                            positive_int, require_records, top_p)
 from prm_jax.parallel.mesh import add_distributed_flags
@@ -36,7 +37,7 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=nonneg_float, default=0.8)
     p.add_argument("--top-p", type=top_p, default=1.0)
     p.add_argument("--top-k", type=nonneg_int, default=0, help="0 = off")
-    p.add_argument("--delimiter", default="\n\n", help="text that ends a step (default: a blank line)")
+    p.add_argument("--delimiter", default=STEP_SEPARATOR, help="text that ends a step (default: a blank line)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=8, help="problems searched together")
     p.add_argument("--prm-batch-size", type=positive_int, default=32, help="rows per PRM forward")
