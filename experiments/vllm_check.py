@@ -44,7 +44,8 @@ import numpy as np
 from flax import nnx
 from vllm_peer import served, vllm_env
 
-from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, OFFICIAL_STEP_TOKEN_ID
+from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN
+from prm_jax.models.qwen_vocab import OFFICIAL_STEP_TOKEN_ID
 from prm_jax.evaluation.scoring import PRMScorer
 from prm_jax.models.hf import load_tokenizer, read_config, save_hf
 from prm_jax.models.prm import Qwen2PRM

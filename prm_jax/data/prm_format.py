@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 
 from prm_jax.errors import InputError
+from prm_jax.models.qwen_vocab import STEP_TOKEN as DEFAULT_STEP_TOKEN  # the released PRM's (qwen_vocab owns it)
 from prm_jax.models.qwen_vocab import adopt_official_step_token
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-DEFAULT_STEP_TOKEN = "<extra_0>"
-OFFICIAL_STEP_TOKEN_ID = 151651  # id of <extra_0> in the Qwen2.5 tokenizers
 
 
 def resolve_step_token(tokenizer, step_token: str | int = DEFAULT_STEP_TOKEN) -> int:

@@ -34,7 +34,6 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 from tqdm.auto import tqdm
 
-from prm_jax.data.prm_format import OFFICIAL_STEP_TOKEN_ID
 from prm_jax.errors import InputError
 from prm_jax.models import qwen_vocab as qv
 from prm_jax.models.prm import Qwen2PRM
@@ -287,9 +286,9 @@ def check_step_token(path: str | os.PathLike, hf: dict[str, Any], tokenizer=None
     if want is not None and got != want:
         raise CheckpointError(f"{Path(path) / 'config.json'}: step_token_id is {want}, but the tokenizer maps "
                               f"{name!r} to {got}; this tokenizer does not belong to the checkpoint")
-    if qv.is_official_vocabulary(tokenizer) and got != OFFICIAL_STEP_TOKEN_ID:
+    if qv.is_official_vocabulary(tokenizer) and got != qv.OFFICIAL_STEP_TOKEN_ID:
         raise CheckpointError(f"{path}: tokenizer maps {name!r} to {got}, but a PRM in the official Qwen2.5 "
-                              f"vocabulary scores at {OFFICIAL_STEP_TOKEN_ID} ('<extra_0>', renamed from "
+                              f"vocabulary scores at {qv.OFFICIAL_STEP_TOKEN_ID} ('<extra_0>', renamed from "
                               f"'<|quad_end|>'); this tokenizer does not belong to the checkpoint")
 
 
@@ -418,8 +417,8 @@ def _export_step_token(out: Path, source: Path, step_token_id: int | None, vocab
     """Settle the step token of a PRM export whose tokenizer files are already copied to `out`: a stock
     Qwen2.5 tokenizer gets 151651 renamed to `<extra_0>` (the released PRM's layout) unless another id was
     asked for; without `step_token_id` the tokenizer's `<extra_0>` is the step token."""
-    if step_token_id in (None, OFFICIAL_STEP_TOKEN_ID) and qv.adopt_official_step_token_files(out):
-        log.info("%s: Qwen2.5 tokenizer: id %d renamed to %s in the export", out, OFFICIAL_STEP_TOKEN_ID,
+    if step_token_id in (None, qv.OFFICIAL_STEP_TOKEN_ID) and qv.adopt_official_step_token_files(out):
+        log.info("%s: Qwen2.5 tokenizer: id %d renamed to %s in the export", out, qv.OFFICIAL_STEP_TOKEN_ID,
                  qv.STEP_TOKEN)
     _ensure_added_tokens_decoder(out)
     tokenizer = load_tokenizer(out)
