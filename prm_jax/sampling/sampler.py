@@ -283,7 +283,8 @@ def _chunk_impl(graphdef, params, cache, state, base_key, max_new, temperature, 
             hidden, cache = model.forward_cached(tok[:, None], pos[:, None], cache)
             return model.logits(hidden[:, 0]), _constrain(cache, st.mesh)
 
-        logits, cache = jax.lax.cond(jnp.all(done), lambda c: (s["logits"], c), forward, cache)
+        # forward as the true branch: with the pass-through first, XLA:CPU copied the cache every step
+        logits, cache = jax.lax.cond(~jnp.all(done), forward, lambda c: (s["logits"], c), cache)
         s = dict(logits=logits, lens=s["lens"], t=t_next, done=done, key_ids=s["key_ids"],
                  sample_ids=s["sample_ids"], matched=matched,
                  out_tok=s["out_tok"].at[slot, col].set(tok, mode="drop"),
