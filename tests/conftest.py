@@ -6,11 +6,24 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pathlib  # noqa: E402
+import random  # noqa: E402
 
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SHARED_DATA = pathlib.Path(os.environ.get("PRM_JAX_DATA", REPO.parent / "shared" / "data"))
+TINY_RECIPE = str(REPO / "experiments" / "recipes" / "tiny-cpu.yaml")
+
+
+def toy_records(n: int, seed: int) -> list[dict]:
+    """PRM training records whose step labels a tiny model can learn (a step is good iff it names apples)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        steps = [rng.choice(["Tom has 3 apples", "15 * 4 = 60", "60 - 7 = 53"]) for _ in range(rng.randint(1, 3))]
+        out.append({"id": i, "problem": "How many apples?", "steps": steps,
+                    "labels": [int("apples" in s) for s in steps]})
+    return out
 
 
 @pytest.fixture(scope="session")

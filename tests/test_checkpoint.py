@@ -2,32 +2,20 @@
 K steps are kept, and any saved step exports to the Hugging Face layout."""
 import json
 import os
-import random
 import signal
 
 import jax
 import numpy as np
 import pytest
 
+from conftest import TINY_RECIPE, toy_records
 from prm_jax import cli
 from prm_jax.training import checkpoint as ck
 from prm_jax.training.config import apply_overrides, load_config
 from prm_jax.training.trainer import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_RECIPE = os.path.join(REPO, "experiments", "recipes", "tiny-cpu.yaml")
 SETS = ["steps=4", "save_every=2", "keep=2", "log_every=1", "max_length=64", "buckets=[64]", "lr=1e-2", "mesh=fsdp=2",
         "export_hf=false"]
-
-
-def toy_records(n, seed):
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        steps = [rng.choice(["Tom has 3 apples", "15 * 4 = 60", "60 - 7 = 53"]) for _ in range(rng.randint(1, 3))]
-        out.append({"id": i, "problem": "How many apples?", "steps": steps,
-                    "labels": [int("apples" in s) for s in steps]})
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ line naming the directory when none does)."""
 import json
 import logging
 import os
-import random
 import shutil
 import signal
 
@@ -14,27 +13,16 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import TINY_RECIPE, toy_records
 from prm_jax import cli
 from prm_jax.training import checkpoint as ck
 from prm_jax.training import metrics as tm
 from prm_jax.training import trainer
 from prm_jax.training.config import apply_overrides, load_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_RECIPE = os.path.join(REPO, "experiments", "recipes", "tiny-cpu.yaml")
 # Periodic saves at 3 and 6, the final one at 7; keep all three.
 SETS = ["steps=7", "save_every=3", "keep=3", "log_every=1", "max_length=64", "buckets=[64]", "lr=1e-2",
         "mesh=fsdp=2", "export_hf=false", "eval_every=0"]
-
-
-def toy_records(n, seed):
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        steps = [rng.choice(["Tom has 3 apples", "15 * 4 = 60", "60 - 7 = 53"]) for _ in range(rng.randint(1, 3))]
-        out.append({"id": i, "problem": "How many apples?", "steps": steps,
-                    "labels": [int("apples" in s) for s in steps]})
-    return out
 
 
 @pytest.fixture(scope="module")
