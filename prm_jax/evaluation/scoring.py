@@ -146,7 +146,10 @@ def default_scoring_dtype(platform: str | None = None) -> str:
     return "bfloat16" if platform in ("gpu", "tpu") or (platform == "cpu" and BF16_ON_CPU) else "float32"
 
 
-# Whether bf16 scoring beats f32 on XLA:CPU (measured by experiments/bench_eval.py; see its docstring).
+# Whether bf16 scoring beats f32 on XLA:CPU. It does not here (2-core AVX-512 BF16/AMX CPU, jax 0.10.2): XLA:CPU's
+# bf16 matmul reached 80 GFLOP/s against f32's 126 in the same run, and the small PRM's forward interleaved in one
+# process ran f32 1926 / bf16 1896 tok/s at [16, 512], 1746 / 1779 at [8, 1024]; experiments/bench_eval.py scored
+# 3 of 4 ProcessBench subsets faster in f32. Equal speed, so f32 (exact) is the CPU default.
 BF16_ON_CPU = False
 
 
