@@ -262,6 +262,17 @@ def main(argv=None) -> int:
         enc = [(it, scorers["float32"].encode(*it)) for it in load_subset(name, args.limit)]
         items[name] = [it for it, e in enc if e.step_positions]
         inputs[name] = [list(e.ids[: e.step_positions[-1] + 1]) for _, e in enc if e.step_positions]
+    # The padding the same planner leaves on every sample of each subset (no forward: lengths only).
+    from prm_jax.evaluation.batching import padding_share, plan_batches
+
+    rules = scorers["float32"].rules
+    for name in subsets:
+        enc = [scorers["float32"].encode(*it) for it in load_subset(name, 10 ** 9)]
+        lengths = [e.step_positions[-1] + 1 for e in enc if e.step_positions]
+        plan = plan_batches(lengths, rules)
+        print(f"{name}: all {len(lengths)} samples would be scored in {len(plan)} forwards of "
+              f"{len({(b.rows, b.length) for b in plan})} shapes, padding {100 * padding_share(lengths, plan):.1f}%",
+              flush=True)
     rates = {d: matmul_rate(d) for d in ("float32", "bfloat16")}
     print(f"device: {jax.devices()[0].platform} x{jax.device_count()} ({os.cpu_count()} cores, load "
           f"{os.getloadavg()[0]:.1f}); XLA:CPU matmul [4096,512]x[512,1408]: f32 {rates['float32'] / 1e9:.0f} "
