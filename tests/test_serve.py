@@ -82,9 +82,10 @@ def serve(scorer, batch=BatchConfig(max_batch_tokens=64 * MAX_LEN, max_wait_ms=5
 @pytest.fixture(scope="module")
 def server(tiny_prm, toy_tokenizer, mesh):
     scorer = new_scorer(tiny_prm, toy_tokenizer, mesh)
-    assert warm_up(scorer) == len(BUCKETS)
+    assert warm_up(scorer) == len(scorer.rules.shapes())  # every shape a batch may take, compiled up front
     with serve(scorer) as s:
         yield s
+    assert scorer.shapes_used == scorer.rules.shapes()  # serving compiled nothing more
 
 
 def ids_of(tok, k):

@@ -142,9 +142,10 @@ def _fail(future: asyncio.Future, error: BaseException) -> None:
 
 
 def warm_up(scorer: PRMScorer) -> int:
-    """Compile the forward for every bucket now (one filler input per bucket length, step token
-    last), so no request waits for a compile. Returns the number of shapes compiled."""
-    for length in scorer.buckets:
+    """Compile the forward for every (rows, length) shape a batch plan may use (that many filler
+    inputs of that length, step token last), so no request waits for a compile. Returns the number
+    of shapes compiled."""
+    for rows, length in sorted(scorer.rules.shapes()):
         ids = (scorer.pad_id,) * (length - 1) + (scorer.step_token_id,)
-        scorer.score([(Encoded(ids, (length - 1,), 1), None)])
+        scorer.score([(Encoded(ids, (length - 1,), 1), None)] * rows)
     return len(scorer.shapes_used)
