@@ -283,6 +283,7 @@ def run_vllm(model, hf, wls: dict, dtype: str, repeats: int, python: str, work: 
     """Medians of vLLM's CPU engine on the workloads (its own venv, a subprocess)."""
     import json
     import subprocess
+    import tempfile
 
     model_dir = os.path.join(work, "model")
     if not os.path.isdir(model_dir):
@@ -297,7 +298,11 @@ def run_vllm(model, hf, wls: dict, dtype: str, repeats: int, python: str, work: 
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([python, child, job_path, out_path], env=env, capture_output=True, text=True, check=False)
     if proc.returncode:
-        print(f"[vllm] {dtype} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+        log_path = os.path.join(tempfile.gettempdir(), f"bench_sampler_vllm_{dtype}.log")
+        with open(log_path, "w") as f:
+            f.write(proc.stderr)
+        errors = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "error" in ln]
+        print(f"[vllm] {dtype} failed (exit {proc.returncode}); its stderr is in {log_path}: {errors[:3]}")
         return {}
     with open(out_path) as f:
         return json.load(f)
