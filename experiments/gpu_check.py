@@ -103,7 +103,8 @@ def train_mfu(variant: str, seq: int, preset: str, steps: int = 6) -> None:
 
 def flash_attention_check() -> None:
     """cuDNN flash attention against the plain attention, on packed rows with padding, bf16."""
-    from prm_jax.models.qwen2 import attention, flash_attention, full_mask
+    from prm_jax.models.attention import attention, flash_attention
+    from prm_jax.models.qwen2 import full_mask
 
     b, t, h, kv, d = 2, 512, 12, 2, 128
     kq, kk, kv_ = jax.random.split(jax.random.key(0), 3)

@@ -261,12 +261,13 @@ def test_eval_uses_the_system_prompt_it_is_given(prm_dir, torch_scores, tmp_path
 
 @pytest.mark.parametrize("t", [300, 2200])
 def test_blocked_causal_attention_equals_full_attention(t):
-    """The scorer's long inputs go through qwen2.causal_attention (query blocks skip future keys);
+    """The scorer's long inputs go through attention.causal_attention (query blocks skip future keys);
     it must equal plain masked attention, here with right padding and 3 (t=300) or 17 (t=2200)
     uneven blocks."""
     import jax.numpy as jnp
 
-    from prm_jax.models.qwen2 import attention, causal_attention, full_mask
+    from prm_jax.models.attention import attention, causal_attention
+    from prm_jax.models.qwen2 import full_mask
 
     rng = np.random.default_rng(0)
     b, h, kv, d = 2, 4, 2, 8

@@ -62,7 +62,8 @@ def _numpy_attention(q, k, v, seg):
 def test_flash_attention_is_causal_with_segment_bias():
     """The cuDNN path's masking (causality from the kernel's flag, the segment mask as a bias), run
     through jax's XLA implementation of the same call, against attention written out in numpy."""
-    from prm_jax.models.qwen2 import flash_attention, full_mask
+    from prm_jax.models.attention import flash_attention
+    from prm_jax.models.qwen2 import full_mask
 
     rng = np.random.default_rng(0)
     b, t, h, kv, d = 2, 10, 4, 2, 8

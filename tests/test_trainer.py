@@ -311,7 +311,7 @@ def test_dense_matmul_backward_equals_autodiff():
 def test_attention_backward_equals_torch_autograd():
     """The hand-written attention backward against torch autograd of the same attention (GQA,
     causal + same-segment mask as in packed rows), in f32."""
-    from prm_jax.models.qwen2 import attention
+    from prm_jax.models.attention import attention
 
     rng = np.random.default_rng(0)
     b, t, h, kv, d = 2, 12, 4, 2, 8

@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT, encode_prm, resolve_step_token
 from prm_jax.errors import InputError
-from prm_jax.evaluation.batching import BatchRules, padding_buckets, pick_bucket, plan_batches
+from prm_jax.evaluation.batching import BatchRules, padding_buckets, plan_batches
 from prm_jax.models.prm import step_probs
 from prm_jax.parallel.mesh import batch_ways, shard_batch, state_shardings
 from prm_jax.records import OutputLock, ResumableWriter
