@@ -196,7 +196,8 @@ def test_load_responses_groups_by_id_and_reports_bad_lines(tmp_path):
 
 
 def test_bucket_lengths():
-    from prm_jax.evaluation.scoring import bucket_lengths, pick_bucket
+    from prm_jax.evaluation.batching import pick_bucket
+    from prm_jax.evaluation.scoring import bucket_lengths
 
     assert bucket_lengths(1024) == (128, 192, 256, 384, 512, 768, 1024)
     assert bucket_lengths(1024, fine=False) == (128, 256, 512, 1024)
