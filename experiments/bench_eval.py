@@ -95,8 +95,8 @@ def corpus() -> list[str]:
     return out
 
 
-def spread_weights(prm, seed: int = 0):
-    """Weights drawn larger than the init's 0.02, so rewards spread over (0, 1) (see vllm_check.random_prm)."""
+def spread_weights(prm, seed: int = 0, kernel_scale: float = 1.0):
+    """Weights drawn larger than the init's 0.02 (kernels `kernel_scale`/sqrt(fan-in)), so rewards spread over (0, 1)."""
     import jax
     import numpy as np
     from flax import nnx
@@ -112,7 +112,7 @@ def spread_weights(prm, seed: int = 0):
         elif path[-1] == "bias":
             new = 0.1 * rng.standard_normal(x.shape)
         elif path[-1] == "kernel":
-            new = 1.0 / np.sqrt(x.shape[0]) * rng.standard_normal(x.shape)
+            new = kernel_scale / np.sqrt(x.shape[0]) * rng.standard_normal(x.shape)
         else:
             new = rng.standard_normal(x.shape)
         flat.append((path, var.replace(jax.numpy.asarray(new, x.dtype))))

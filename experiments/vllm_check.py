@@ -39,9 +39,9 @@ import time
 import urllib.error
 import urllib.request
 
-import jax
 import numpy as np
 from flax import nnx
+from bench_eval import spread_weights
 from vllm_peer import served, vllm_env
 
 from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN
@@ -140,23 +140,7 @@ def qwen_layout_tokenizer(texts: list[str], out_dir: str):
 def random_prm(vocab_size: int, seed: int) -> Qwen2PRM:
     cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2,
                       num_kv_heads=1, max_position_embeddings=MAX_LENGTH)
-    prm = Qwen2PRM(cfg, nnx.Rngs(seed))
-    rng = np.random.default_rng(seed)
-    graphdef, state = nnx.split(prm)
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        x = np.asarray(var.get_value())
-        name = ".".join(map(str, path))
-        if "norm" in name:
-            new = 1.0 + 0.1 * rng.standard_normal(x.shape)
-        elif path[-1] == "bias":
-            new = 0.1 * rng.standard_normal(x.shape)
-        elif path[-1] == "kernel":
-            new = 1.5 / np.sqrt(x.shape[0]) * rng.standard_normal(x.shape)
-        else:  # embedding
-            new = rng.standard_normal(x.shape)
-        flat.append((path, var.replace(jax.numpy.asarray(new, x.dtype))))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return spread_weights(Qwen2PRM(cfg, nnx.Rngs(seed)), seed, kernel_scale=1.5)
 
 
 def step_token_of(export: str) -> tuple[int, str]:
