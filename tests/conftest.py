@@ -102,3 +102,24 @@ def qwen25_tokenizer_dir(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("qwen25_tokenizer"))
     fast.save_pretrained(out)
     return out
+
+
+def spread_tiny_prm(vocab_size: int, seed: int):
+    """A tiny random PRM whose scores spread away from 0.5 (a random head leaves them all there)."""
+    from flax import nnx
+
+    from prm_jax.models.prm import Qwen2PRM
+    from prm_jax.models.qwen2 import Qwen2Config
+
+    prm = Qwen2PRM(Qwen2Config.tiny(vocab_size=vocab_size), nnx.Rngs(seed))
+    k = prm.score.dense_out.kernel
+    k.set_value(k.get_value() * 400.0)
+    return prm
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    """A mesh over all (8 fake) devices on the data axis."""
+    from prm_jax.parallel.mesh import make_mesh
+
+    return make_mesh()

@@ -11,13 +11,10 @@ import math
 
 import numpy as np
 import pytest
-from flax import nnx
 
+from conftest import spread_tiny_prm
 from prm_jax.errors import InputError
 from prm_jax.evaluation.scoring import PRMScorer
-from prm_jax.models.prm import Qwen2PRM
-from prm_jax.models.qwen2 import Qwen2Config
-from prm_jax.parallel.mesh import make_mesh
 from prm_jax.rewards import agg_name, problem_of_prompt, process_reward, step_splitter, strip_special_tail
 
 MAX_LEN = 256
@@ -30,15 +27,7 @@ STEPS = [["3 + 12 = 15", "The answer is \\boxed{15}."], ["15 * 4 = 60", "60 - 7 
 
 @pytest.fixture(scope="module")
 def tiny_prm(toy_tokenizer):
-    prm = Qwen2PRM(Qwen2Config.tiny(vocab_size=len(toy_tokenizer)), nnx.Rngs(1))
-    k = prm.score.dense_out.kernel
-    k.set_value(k.get_value() * 400.0)
-    return prm
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    return make_mesh()
+    return spread_tiny_prm(len(toy_tokenizer), seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,11 @@ import httpx
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
+from conftest import spread_tiny_prm
 from prm_jax.data.prm_format import encode_prm
 from prm_jax.evaluation.scoring import PRMScorer
-from prm_jax.models.prm import Qwen2PRM, step_rewards
-from prm_jax.models.qwen2 import Qwen2Config
-from prm_jax.parallel.mesh import make_mesh
+from prm_jax.models.prm import step_rewards
 from prm_jax.rewards import StepReward
 from prm_jax.serving.batcher import BatchConfig, Batcher, EncodedScorer, warm_up
 from prm_jax.serving.server import BackgroundServer, ServeConfig, make_app
@@ -48,15 +46,7 @@ def item(k: int) -> tuple[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def tiny_prm(toy_tokenizer):
-    prm = Qwen2PRM(Qwen2Config.tiny(vocab_size=len(toy_tokenizer)), nnx.Rngs(0))
-    k = prm.score.dense_out.kernel  # spread the scores away from 0.5 (a random head leaves them all there)
-    k.set_value(k.get_value() * 400.0)
-    return prm
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    return make_mesh()
+    return spread_tiny_prm(len(toy_tokenizer), seed=0)
 
 
 @pytest.fixture(scope="module")
