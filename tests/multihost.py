@@ -146,10 +146,29 @@ class MultiHost:
         self._tmp.cleanup()
 
 
+def _slow_steps(pause: float) -> None:
+    """Make every training step that has not seen a stop request wait `pause` seconds (env MULTIHOST_STEP_PAUSE):
+    a SIGTERM sent at step 2 then reaches every process through JAX's preemption sync before the run's last
+    step however loaded the machine is, instead of racing a few fast steps."""
+    from prm_jax.training.trainer import Preemption
+
+    requested = Preemption.requested
+
+    def slow(self, step: int) -> bool:
+        stop = requested(self, step)
+        if not stop:
+            time.sleep(pause)
+        return stop
+
+    Preemption.requested = slow
+
+
 def _child(argv: list[str]) -> int:
     """Run the JSON list of prm-jax argvs in argv[0], each with the flags after `--` appended."""
     if os.environ.get("PRM_JAX_TEST_PARENT", "").isdigit():
         _die_with_parent(int(os.environ["PRM_JAX_TEST_PARENT"]))
+    if os.environ.get("MULTIHOST_STEP_PAUSE"):
+        _slow_steps(float(os.environ["MULTIHOST_STEP_PAUSE"]))
     from prm_jax.cli import main
 
     commands, flags = json.loads(argv[0]), argv[argv.index("--") + 1:]

@@ -153,7 +153,8 @@ def runs(tmp_path_factory, toy_tokenizer_dir, toy_tokenizer):
         out["killed_with"] = _lines(part1)
         _clock(t0, "pair A")
         job.kill()  # the job goes down with its task, as under a scheduler; B restarts it
-    with MultiHost(n=2, devices=4, env=cache) as job:  # B: restart; rollout; train, SIGTERM to process 1
+    # B: restart; rollout; train, SIGTERM to process 1 at step 2 (steps pause 2 s until it is seen: no race)
+    with MultiHost(n=2, devices=4, env={**cache, "MULTIHOST_STEP_PAUSE": "2"}) as job:
         job.start([sample(mp["sample"]), rollout(sp["sample"], mp["rollout"]), train(mp["train"])])
         metrics = os.path.join(mp["train"], "metrics.jsonl")
         _wait_for(lambda: os.path.exists(metrics) and any(r["step"] >= 2 for r in _train_rows(metrics)), job,
