@@ -193,16 +193,3 @@ def test_load_responses_groups_by_id_and_reports_bad_lines(tmp_path):
     path.write_text(json.dumps(recs[0]) + "\n" + json.dumps(bad) + "\n")
     with pytest.raises(ValueError, match=r"problem 'p1': its responses disagree on the gold answer"):
         best_of_n.group_responses(best_of_n.load_responses(str(path)))
-
-
-def test_bucket_lengths():
-    from prm_jax.evaluation.batching import pick_bucket
-    from prm_jax.evaluation.scoring import bucket_lengths
-
-    assert bucket_lengths(1024) == (128, 192, 256, 384, 512, 768, 1024)
-    assert bucket_lengths(1024, fine=False) == (128, 256, 512, 1024)
-    assert bucket_lengths(200) == (128, 192, 200)
-    assert bucket_lengths(64) == (64,)
-    assert pick_bucket(129, (128, 192)) == 192 and pick_bucket(128, (128, 192)) == 128
-    with pytest.raises(ValueError, match="exceeds the largest bucket"):
-        pick_bucket(193, (128, 192))

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from prm_jax.buckets import pick_bucket
 from prm_jax.data.prm_format import encode_prm
-from prm_jax.evaluation.batching import BatchRules, padding_buckets, pick_bucket, plan_batches, row_ladder
+from prm_jax.evaluation.batching import BatchRules, plan_batches
 from prm_jax.evaluation.scoring import PRMScorer
 from prm_jax.models.prm import Qwen2PRM
 from prm_jax.models.qwen2 import Qwen2Config
@@ -36,7 +37,7 @@ def tiny_prm(toy_tokenizer):
 def test_plan_counted_by_hand():
     # bucket 128 holds 2 rows (budget 256), bucket 64 holds 4 (ladder 1, 2, 4)
     rules = BatchRules(buckets=(64, 128), max_rows=8, tokens_per_batch=256, overhead=128)
-    assert (rules.rows_for(128), rules.rows_for(64), row_ladder(4)) == (2, 4, (1, 2, 4))
+    assert (rules.rows_for(128), rules.rows_for(64)) == (2, 4)
     lengths = [30, 100, 40, 90, 30]
     plan = plan_batches(lengths, rules)
     # [100, 90] at 2 x 128; [40, 30, 30] at 4 x 64 (one filler row) costs 256 + 128 against
@@ -47,8 +48,6 @@ def test_plan_counted_by_hand():
     plan1 = plan_batches(lengths, BatchRules((64, 128), 8, 256, overhead=1))
     assert sorted((b.rows, b.length) for b in plan1) == [(1, 64), (2, 64), (2, 128)]
     assert sorted(i for b in plan1 for i in b.items) == [0, 1, 2, 3, 4]
-    assert padding_buckets(600)[:3] == (32, 64, 96) and padding_buckets(600)[-4:] == (480, 512, 576, 600)
-    assert padding_buckets(2048)[-3:] == (1792, 1920, 2048)
 
 
 BUCKETS = (192, 256, 320, 384)

@@ -31,6 +31,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from prm_jax.buckets import coarse_buckets, pick_bucket
 from prm_jax.data.prm_format import DEFAULT_SYSTEM_PROMPT
 from prm_jax.data.steps import join_steps
 from prm_jax.errors import InputError
@@ -251,29 +252,11 @@ def encode_records(tokenizer, path: str | os.PathLike, opts: EncodeOptions, chun
 
 # -- batching -----------------------------------------------------------------------------------
 
-def default_buckets(max_length: int) -> tuple[int, ...]:
-    """Padded lengths growing by x1.5 / x1.33 from max_length/8 up to max_length (e.g. 64, 96, 128,
-    192, 256, 384, 512 for 512), multiples of 8: a batch pads at most ~1/3 beyond its longest row
-    while the step compiles for only ~7 shapes."""
-    out, b = {max_length}, max(8, max_length // 8)
-    while b < max_length:
-        out.add(-(-b // 8) * 8)
-        b = b * 3 // 2 if (b & (b - 1)) == 0 else b * 4 // 3  # 2^k -> 1.5*2^k -> 2^(k+1)
-    return tuple(sorted(x for x in out if x <= max_length))
-
-
-def bucket_for(length: int, buckets: Sequence[int]) -> int:
-    for b in buckets:
-        if length <= b:
-            return b
-    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
-
-
 def pad_examples(examples: Sequence[dict[str, np.ndarray]], buckets: Sequence[int], pad_id: int,
                  rows: int | None = None, label_dtype=None) -> dict[str, np.ndarray]:
     """Right-pad examples into one [rows, bucket] batch (extra rows are all padding, no labels)."""
     rows = rows or len(examples)
-    width = bucket_for(max(len(e["input_ids"]) for e in examples), buckets)
+    width = pick_bucket(max(len(e["input_ids"]) for e in examples), buckets)
     label_dtype = label_dtype or examples[0]["labels"].dtype
     ids = np.full((rows, width), pad_id, np.int32)
     labels = np.full((rows, width), IGNORE, label_dtype)
@@ -338,7 +321,7 @@ def train_dataset(examples: list[dict[str, np.ndarray]], *, batch_rows: int, see
     else:
         ds = grain.MapDataset.source(examples).shuffle(seed=seed).repeat(None)
     if not pack:
-        buckets = tuple(buckets or default_buckets(max_length))
+        buckets = tuple(buckets or coarse_buckets(max_length))
         ds = ds.batch(batch_rows, drop_remainder=True,
                       batch_fn=lambda exs: pad_examples(exs, buckets, pad_id))
         return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads))
@@ -361,7 +344,7 @@ def packed_batches(examples: grain.IterDataset, *, batch_rows: int, max_length: 
 def eval_batches(examples: list[dict[str, np.ndarray]], *, batch_rows: int, pad_id: int, max_length: int,
                  buckets: Sequence[int] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Every example once, in file order; the last batch is filled with empty rows."""
-    buckets = tuple(buckets or default_buckets(max_length))
+    buckets = tuple(buckets or coarse_buckets(max_length))
     ds = grain.MapDataset.source(examples).batch(
         batch_rows, batch_fn=lambda exs: pad_examples(exs, buckets, pad_id, rows=batch_rows))
     return iter(ds)

@@ -3,8 +3,8 @@
 Pure functions over input lengths, so the plan (and the padding it costs) can be checked by hand.
 
 A batch is padded to a bucket length (the bucket of its longest row) and to a row count from a
-short ladder (powers of two times the data shards, plus the most a bucket may hold), so the
-compiled shapes are bounded by buckets x ladder and reused across calls. Rows x length never
+short ladder (powers of two times the data shards, plus the most a bucket may hold; both ladders
+are `prm_jax.buckets`'), so the compiled shapes are bounded by buckets x ladder and reused across calls. Rows x length never
 exceeds the token budget (a single row longer than the budget still gets its own batch).
 Within those rules, a dynamic programme over the inputs sorted by length picks the cut that
 computes the fewest positions (real tokens + padding), plus a small per-batch charge so a run is
@@ -17,40 +17,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from prm_jax.buckets import pick_bucket, row_ladder
+
 # Positions a batch is charged on top of the ones it computes: a dispatch and the short-matmul
 # inefficiency of a small batch cost about this much on XLA:CPU (a forward of 64 tokens runs at
 # about half the rate of one of 2k); it only decides ties between near-equal cuts.
 BATCH_OVERHEAD = 128
-
-
-def padding_buckets(max_length: int, per_octave: int = 8, min_step: int = 32) -> tuple[int, ...]:
-    """Bucket lengths up to `max_length` (which is always the last): multiples of `min_step` up to
-    `per_octave * min_step`, then `per_octave` evenly spaced lengths per doubling (512, 576, 640, ...),
-    so a row is padded by at most 1/per_octave of its length beyond the smallest bucket."""
-    if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
-    out, b = [], min_step
-    while b < max_length:
-        out.append(b)
-        step = max(min_step, (1 << (b.bit_length() - 1)) // per_octave)  # power of two <= b, / per_octave
-        b += step
-    return tuple(out) + (max_length,)
-
-
-def pick_bucket(length: int, buckets: Sequence[int]) -> int:
-    for b in buckets:
-        if length <= b:
-            return b
-    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
-
-
-def row_ladder(max_rows: int, shards: int = 1) -> tuple[int, ...]:
-    """Allowed row counts up to `max_rows` (a multiple of `shards`): shards * 2^k, and max_rows."""
-    out, r = [], shards
-    while r < max_rows:
-        out.append(r)
-        r *= 2
-    return tuple(out) + (max_rows,)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,9 +36,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from prm_jax.buckets import octave_buckets
 from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT, encode_prm, resolve_step_token
 from prm_jax.errors import InputError
-from prm_jax.evaluation.batching import BatchRules, padding_buckets, plan_batches
+from prm_jax.evaluation.batching import BatchRules, plan_batches
 from prm_jax.models.prm import step_probs
 from prm_jax.parallel.mesh import batch_ways, shard_batch, state_shardings
 from prm_jax.records import OutputLock, ResumableWriter
@@ -46,21 +47,6 @@ from prm_jax.records import OutputLock, ResumableWriter
 log = logging.getLogger(__name__)
 
 Item = tuple[str, Sequence[str]]  # (problem, steps)
-
-
-def bucket_lengths(max_length: int, min_bucket: int = 128, fine: bool = True) -> tuple[int, ...]:
-    """Bucket lengths below `max_length`, then `max_length` itself: `min_bucket` * 2^k, and with
-    `fine` also 1.5 * min_bucket * 2^k (128, 192, 256, 384, ...: padding wastes at most a third
-    instead of a half, for twice the compiled shapes)."""
-    if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
-    out, b = [], min(min_bucket, max_length)
-    while b < max_length:
-        out.append(b)
-        if fine and b * 3 // 2 < max_length and b % 2 == 0:
-            out.append(b * 3 // 2)
-        b *= 2
-    return tuple(out) + (max_length,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +183,7 @@ class PRMScorer:
         self.tokenizer = tokenizer
         self.step_token_id = resolve_step_token(tokenizer, step_token)
         self.max_length = max_length
-        self.buckets = tuple(sorted(buckets)) if buckets else padding_buckets(max_length)
+        self.buckets = tuple(sorted(buckets)) if buckets else octave_buckets(max_length)
         if self.buckets[-1] < max_length:
             raise ValueError(f"largest bucket {self.buckets[-1]} is below max_length {max_length}")
         self.mesh = mesh

@@ -63,7 +63,7 @@ def is_loopback(host: str) -> bool:
 
 def build_app(args):
     """The aiohttp app for `args` (loads the PRM, starts the scoring thread, compiles the buckets)."""
-    from prm_jax.evaluation.batching import padding_buckets
+    from prm_jax.buckets import octave_buckets
     from prm_jax.evaluation.commands import load_model, load_tokenizer
     from prm_jax.models.hf import read_config
     from prm_jax.parallel.mesh import initialize_distributed, make_mesh
@@ -80,7 +80,7 @@ def build_app(args):
     # Octave buckets (128, 256, ..., max_length): few shapes to compile before serving (30 at the defaults),
     # where eval's finer ladder would compile hundreds.
     scorer = EncodedScorer(prm, tokenizer, step_token=args.step_token, batch_size=args.batch_size,
-                           max_length=args.max_length, buckets=padding_buckets(args.max_length, 1, 128), mesh=mesh,
+                           max_length=args.max_length, buckets=octave_buckets(args.max_length, 1, 128), mesh=mesh,
                            tokens_per_batch=args.max_batch_tokens, system_prompt=args.system_prompt or None)
     if not args.no_warmup:
         log.info("compiled %d forward shapes", warm_up(scorer))

@@ -61,7 +61,7 @@ class DataConfig:
     max_length: int = 2048
     batch_size: int = 8  # sequences (rows) per optimizer step, all accumulation micro-batches together
     pack: bool = False  # first-fit packing with segment ids instead of padding to buckets
-    buckets: tuple[int, ...] = ()  # padded lengths; () = pipeline.default_buckets(max_length)
+    buckets: tuple[int, ...] = ()  # padded lengths; () = prm_jax.buckets.coarse_buckets(max_length)
     group_by_length: int = 0  # W > 0: batch rows of similar length within each window of W batches (less padding)
     step_token: str = DEFAULT_STEP_TOKEN
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
