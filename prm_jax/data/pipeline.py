@@ -309,9 +309,9 @@ def train_dataset(examples: list[dict[str, np.ndarray]], *, batch_rows: int, see
     """An endless grain dataset of host batches [batch_rows, T].
 
     The order is a seeded global shuffle, reshuffled every epoch (deterministic). Unpacked: rows
-    are padded to the smallest bucket that fits the batch; with group_by_length=W > 0 each window
-    of W batches is ordered by length first (length_grouped_order). Packed: examples are first-fit
-    packed into rows of exactly max_length. `iter(ds)` gives a DatasetIterator whose
+    are padded to the smallest bucket that fits the batch (`buckets` or else coarse_buckets); with
+    group_by_length=W > 0 each window of W batches is ordered by length first (length_grouped_order).
+    Packed: examples are first-fit packed into rows of exactly max_length. `iter(ds)` gives a DatasetIterator whose
     get_state/set_state checkpoint the position."""
     if group_by_length and pack:
         raise InputError("data.group_by_length applies to padded batches; packed rows are full already "

@@ -4,8 +4,9 @@ search, the server and the demo share.
 Each pair is encoded exactly as in training (`encode_prm`: chat prefix, each step followed by the
 step token id), truncated at `max_length`, and the score of a step is P(class 1) at its step token.
 Inputs are sorted by length and cut into batches by a token budget (rows x bucket length), padded to
-one of a fine ladder of bucket lengths and row counts chosen to compute the fewest padding positions
-(`prm_jax.evaluation.batching`), so a long evaluation compiles a bounded set of shapes and reuses them.
+one of a fine ladder of bucket lengths (`prm_jax.buckets.octave_buckets`) and row counts chosen to
+compute the fewest padding positions (`prm_jax.evaluation.batching`), so a long evaluation compiles
+a bounded set of shapes and reuses them.
 A background thread tokenizes, plans and builds the next batches while the device runs; JAX's async
 dispatch lets the next forward start before the previous one's rewards are read out. The batch is
 sharded over the mesh's data axes, the weights by the mesh rules. `PRMScorer.last_stats` reports
