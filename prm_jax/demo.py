@@ -25,9 +25,9 @@ estimate: how often MC, the judge and their consensus find the true first error.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
-import random
 import time
 import typing
 from collections.abc import Callable, Sequence
@@ -40,7 +40,7 @@ from prm_jax.flags import unit_interval
 from prm_jax.labeling.consensus import training_record
 from prm_jax.models.qwen2 import Qwen2Config
 from prm_jax.records import OutputLock, read_jsonl, write_jsonl
-from prm_jax.toyworld import critic, truth, world
+from prm_jax.toyworld import critic, heldout, truth, world
 from prm_jax.toyworld import report as toy_report
 from prm_jax.toyworld.report import load_json
 from prm_jax.toyworld.tokenizer import train_tokenizer
@@ -320,41 +320,20 @@ class Demo:
         the PRMs are scored, and `dev`, on other problems, on which each PRM's threshold is tuned."""
         os.makedirs(self.path("heldout"), exist_ok=True)
         for subset, prefix, seed in (("toy", "heldout", self.seed), ("dev", "dev", self.seed + 10)):
-            chosen = self.balanced_set(self.path("data", f"{prefix}_problems.jsonl"), prefix, seed)
+            problem_file = self.path("data", f"{prefix}_problems.jsonl")
+            # the held-out samples are Best-of-N's too; the more ones are not (that keeps bon_n per problem)
+            records = self.labelled_samples(problem_file, self.path(f"{prefix}_samples.jsonl"), self.size.bon_n,
+                                            seed + 1)
+            more = functools.partial(self.labelled_samples, problem_file, self.path(f"{prefix}_more_samples.jsonl"),
+                                     4 * self.size.bon_n, seed + 4)
+            chosen = heldout.balanced_set(records, read_jsonl(problem_file), seed, more)
             with open(self.path("heldout", f"{subset}.json"), "w", encoding="utf-8") as f:
                 json.dump(chosen, f)
 
-    def balanced_set(self, problem_file: str, prefix: str, seed: int) -> list[dict]:
-        """The policy's samples on these problems, balanced between correct and erroneous solutions.
-        Too few erroneous ones (a strong policy): more of the policy's own samples first, so that the
-        errors stay the policy's; then, for either kind, the world's reference or injected-error
-        solutions."""
-        def labelled(path: str) -> list[dict]:
-            return [r for r in map(world.processbench_record, read_jsonl(path)) if r is not None]
-
-        samples = self.path(f"{prefix}_samples.jsonl")  # the held-out ones are Best-of-N's too
-        self.sample(problem_file, samples, self.size.bon_n, seed + 1)
-        records = labelled(samples)
-        rng = random.Random(seed)
-        wrong = [r for r in records if r["label"] >= 0]
-        right = [r for r in records if r["label"] < 0]
-        want = max(len(records) // 2, 8)
-        if len(wrong) < want:
-            more = self.path(f"{prefix}_more_samples.jsonl")  # not Best-of-N's: that keeps bon_n per problem
-            self.sample(problem_file, more, 4 * self.size.bon_n, seed + 4)
-            extra = [{**r, "id": f"{r['id']}-more"} for r in labelled(more) if r["label"] >= 0]
-            wrong += extra[: want - len(wrong)]
-        problems = read_jsonl(problem_file)
-        if len(right) < want:
-            extra = world.sample_solutions(problems, seed=seed + 2, error_rate=0.0)
-            right += [world.processbench_record(r) for r in extra][: want - len(right)]
-        if len(wrong) < want:
-            extra = world.sample_solutions(problems, seed=seed + 3, error_rate=1.0)
-            wrong += [world.processbench_record(r) for r in extra][: want - len(wrong)]
-        rng.shuffle(wrong)
-        rng.shuffle(right)
-        n = min(len(wrong), len(right))
-        return wrong[:n] + right[:n]
+    def labelled_samples(self, problem_file: str, out: str, n: int, seed: int) -> list[dict]:
+        """The policy's `n` samples per problem (written to `out`) as ProcessBench records with their true labels."""
+        self.sample(problem_file, out, n, seed)
+        return heldout.processbench_records(read_jsonl(out))
 
     def stage_eval(self, label_set: str) -> None:
         prm = self.path(f"prm_{label_set}", "hf")

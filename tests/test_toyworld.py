@@ -207,6 +207,51 @@ def test_sample_solutions_and_processbench_records():
         assert pb["final_answer_correct"] == (s["final_answer"] == s["answer"])
 
 
+def test_heldout_balanced_set_prefers_the_policys_own_errors():
+    """As many erroneous as correct records, half the records (at least 8) of each. Short of errors,
+    the policy is asked once for more (they join as "-more") before the world injects any; short of
+    correct ones, the world's reference solutions fill in."""
+    from prm_jax.toyworld.heldout import balanced_set, processbench_records
+
+    problems = world.generate_problems(10, seed=5, cfg=WorldConfig.tiny(), id_prefix="h")
+
+    def policy(error_rate: float, tag: str) -> list[dict]:  # 20 ProcessBench records, all right or all wrong
+        sols = world.sample_solutions(problems, seed=1, error_rate=error_rate, per_problem=2)
+        return [{**r, "id": r["id"] + tag} for r in processbench_records(sols)]
+
+    def world_ids(seed: int, error_rate: float, k: int) -> set[str]:  # what the world fills in
+        return {s["id"] for s in world.sample_solutions(problems, seed=seed, error_rate=error_rate)[:k]}
+
+    def ids(records):
+        return {r["id"] for r in records}
+
+    def split(chosen):
+        n = len(chosen) // 2
+        assert all(r["label"] >= 0 for r in chosen[:n]) and all(r["label"] == -1 for r in chosen[n:])
+        return chosen[:n], chosen[n:]
+
+    right, wrong, more_wrong = policy(0.0, "-r"), policy(1.0, "-w"), policy(1.0, "-x")
+
+    def never():
+        raise AssertionError("enough errors: no more samples")
+
+    # 12 wrong + 8 right: want 10 of each; 2 of the world's reference solutions (seed + 2) join
+    w, r = split(balanced_set(wrong[:12] + right[:8], problems, seed=7, more=never))
+    assert len(w) == 10 and ids(w) < ids(wrong[:12])
+    assert ids(r) == ids(right[:8]) | world_ids(9, 0.0, 2)
+    # 2 wrong + 18 right: the policy's 5 more (3 wrong) first, then 5 of the world's errors (seed + 3)
+    calls = []
+    more = lambda: calls.append(1) or more_wrong[:3] + right[18:]  # noqa: E731
+    chosen = balanced_set(wrong[:2] + right[:18], problems, seed=7, more=more)
+    w, r = split(chosen)
+    assert calls == [1] and len(w) == len(r) == 10 and ids(r) < ids(right[:18])
+    assert ids(w) == ids(wrong[:2]) | {i + "-more" for i in ids(more_wrong[:3])} | world_ids(10, 1.0, 5)
+    assert chosen == balanced_set(wrong[:2] + right[:18], problems, seed=7, more=more)  # seeded
+    # 3 right, nothing more to ask: at least 8 of each, from the world
+    w, r = split(balanced_set(right[:3], problems, seed=0))
+    assert ids(w) == world_ids(3, 1.0, 8) and ids(r) == ids(right[:3]) | world_ids(2, 0.0, 5)
+
+
 # ------------------------------------------------------------------ MC's failure modes by construction
 
 def _exact(preds, golds):
