@@ -81,6 +81,9 @@ def test_flash_attention_is_causal_with_segment_bias():
 def test_remat_keeping_matmuls_gives_the_same_gradients():
     import jax
 
+    from prm_jax.models.qwen2 import REMAT_POLICIES
+    from prm_jax.models.runtime import REMAT_SAVES
+    assert set(REMAT_POLICIES) == set(REMAT_SAVES)  # every accepted remat_saves has a policy
     ids = jnp.asarray(np.random.RandomState(1).randint(0, 50, (2, 7)))
     grads = []
     for kw in ({}, {"remat": True, "remat_saves": "matmuls"}, {"remat": True}):

@@ -6,6 +6,8 @@ import os
 import pytest
 
 from prm_jax import cli
+from prm_jax.errors import InputError
+from prm_jax.models.config import Qwen2Config
 from prm_jax.models.architectures import OBJECTIVE_ARCH
 from prm_jax.training.config import OptimConfig, RunConfig, TrainConfig, apply_overrides, load_config
 from prm_jax.training.losses import LOSSES
@@ -61,6 +63,8 @@ def test_boundary_values_are_accepted_and_unchanged():
     for recipe in ("tiny-cpu.yaml", "qwen2.5-math-7b-prm-v5p-64.yaml", "qwen2.5-math-7b-prm-8xh100.yaml"):
         load_config(os.path.join(REPO, "experiments", "recipes", recipe))
     assert set(OBJECTIVE_ARCH) == set(LOSSES)  # every objective builds an architecture
+    with pytest.raises(InputError, match=r"^model preset 'huge': expected one of tiny, small, qwen2_5_1_5b, "):
+        Qwen2Config.preset("huge")
 
 
 def test_direct_construction_and_yaml_files_are_checked_too(tmp_path):

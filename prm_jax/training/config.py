@@ -23,11 +23,10 @@ from prm_jax.errors import InputError
 from prm_jax.models.config import PRESETS
 from prm_jax.models.runtime import Runtime
 
-# Checked when a config is built, so a bad value fails before any work (not after an hour of training,
-# nor silently: lr=-1 would train uphill, steps=0 would "complete" and export an untrained model).
-
 
 def _check(cfg: Any, key: str, ok: bool, expected: str) -> None:
+    """Settings are checked when a config is built, so a bad value fails before any work (not after an hour
+    of training, nor silently: lr=-1 would train uphill, steps=0 would "complete" and export an untrained model)."""
     if not ok:
         raise InputError(f"{key}: expected {expected}, got {getattr(cfg, key)!r}")
 
