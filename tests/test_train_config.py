@@ -7,8 +7,8 @@ import pytest
 
 from prm_jax import cli
 from prm_jax.errors import InputError
-from prm_jax.models.config import Qwen2Config
 from prm_jax.models.architectures import OBJECTIVE_ARCH
+from prm_jax.models.config import Qwen2Config
 from prm_jax.training.config import OptimConfig, RunConfig, TrainConfig, apply_overrides, load_config
 from prm_jax.training.losses import LOSSES
 
