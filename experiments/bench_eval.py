@@ -1,7 +1,7 @@
 """PRM scoring per ProcessBench subset: prm_jax's scorer (f32 and bf16) vs vLLM's CPU pooling runner (f32 and
 bf16) vs transformers, on the same token ids, in one run, one after the other.
 
-PRM: Qwen2Config.small() (vocab 32000, hidden 512, 8 layers, 8 heads, 2 kv heads, intermediate 1408), random
+PRM: Qwen2Config.preset("small") (vocab 32000, hidden 512, 8 layers, 8 heads, 2 kv heads, intermediate 1408), random
 weights redrawn larger than the init's (so step rewards spread and agreement means something), saved once in
 Hugging Face layout with its modeling file (transformers loads it with AutoModel, trust_remote_code=True; vLLM
 as Qwen2ForProcessRewardModel with step_tag_id = the tokenizer's <extra_0>). Tokenizer: a byte-level BPE (vocab
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     subsets = [s for s in args.subsets.split(",") if s]
     work = tempfile.mkdtemp(prefix="bench_eval_")
     train_tokenizer(corpus(), os.path.join(work, "tok"), vocab_size=32000)
-    cfg = Qwen2Config.small(max_position_embeddings=max(4096, args.max_length))
+    cfg = Qwen2Config.preset("small", max_position_embeddings=max(4096, args.max_length))
     prm = spread_weights(Qwen2PRM(cfg, nnx.Rngs(0)))
     export = os.path.join(work, "prm")
     save_hf(prm, export, tokenizer_dir=os.path.join(work, "tok"))

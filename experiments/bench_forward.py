@@ -3,7 +3,7 @@ and peak host memory while streaming a checkpoint in, vs the checkpoint's size.
 
     python experiments/bench_forward.py [--batch 8 --seq 512 --repeats 3]
 
-Prints, never asserts. Config: Qwen2Config.small() (vocab 32000, hidden 512, 8 layers, 8 heads, 2 kv heads,
+Prints, never asserts. Config: Qwen2Config.preset("small") (vocab 32000, hidden 512, 8 layers, 8 heads, 2 kv heads,
 intermediate 1408), untied, float32: a ~221 MB checkpoint, which is also the one whose load is measured.
 """
 from __future__ import annotations
@@ -117,7 +117,7 @@ def main() -> None:
     from prm_jax.models.hf import load_causal_lm
     from prm_jax.models.qwen2 import Qwen2Config
 
-    cfg = Qwen2Config.small(**({"num_layers": args.layers} if args.layers else {}))
+    cfg = Qwen2Config.preset("small", **({"num_layers": args.layers} if args.layers else {}))
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
     hf_cfg = {k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "torch_dtype")}

@@ -1,6 +1,6 @@
 """Sampler benchmark: prm_jax.generate vs transformers generate, and the Monte-Carlo rollout workload.
 
-Both engines hold identical weights (Qwen2Config.small(), random init, copied into a transformers
+Both engines hold identical weights (Qwen2Config.preset("small"), random init, copied into a transformers
 Qwen2ForCausalLM in float32). Every figure is the median over --repeats warm runs; the first
 (compiling) run of each of our programs is timed separately and reported as compile time.
 Stopping is disabled on both sides (no stop ids / eos None + min_new_tokens), so both engines
@@ -405,7 +405,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = Qwen2ForCausalLM(Qwen2Config.small(), nnx.Rngs(0))
+    model = Qwen2ForCausalLM(Qwen2Config.preset("small"), nnx.Rngs(0))
     hf = to_transformers(model)
     print(f"devices: {jax.devices()} | torch threads: {torch.get_num_threads()} | XLA_FLAGS="
           f"{os.environ.get('XLA_FLAGS', '')!r} | load average {os.getloadavg()[0]:.1f}")

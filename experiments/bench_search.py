@@ -65,8 +65,8 @@ def shape_policy(model: Qwen2ForCausalLM, tok) -> None:
 
 def build(root: str, hidden: int, layers: int):
     tok = train_tokenizer(TEXTS, os.path.join(root, "tok"), vocab_size=320)
-    cfg = Qwen2Config.tiny(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_layers=layers,
-                           num_heads=4, num_kv_heads=2)
+    cfg = Qwen2Config.preset("tiny", vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_layers=layers, num_heads=4, num_kv_heads=2)
     policy = Qwen2ForCausalLM(cfg, nnx.Rngs(0))
     shape_policy(policy, tok)
     prm = Qwen2PRM(cfg, nnx.Rngs(1))

@@ -109,9 +109,9 @@ def build(args):
     texts = [p + " " + " ".join(s) for p, s in synthetic_items(200, seed=99)]
     train_tokenizer(texts, out, vocab_size=512)
     tok = AutoTokenizer.from_pretrained(out)
-    cfg = Qwen2Config.tiny(vocab_size=len(tok) + 1, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                           num_layers=args.layers, num_heads=max(1, args.hidden // 64),
-                           num_kv_heads=max(1, args.hidden // 128))
+    cfg = Qwen2Config.preset("tiny", vocab_size=len(tok) + 1, hidden_size=args.hidden,
+                             intermediate_size=4 * args.hidden, num_layers=args.layers,
+                             num_heads=max(1, args.hidden // 64), num_kv_heads=max(1, args.hidden // 128))
     return Qwen2PRM(cfg, nnx.Rngs(0)), tok, mesh
 
 

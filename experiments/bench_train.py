@@ -1,6 +1,6 @@
 """PRM training throughput: our jitted JAX step vs a raw PyTorch loop vs TRL's PRMTrainer, same run.
 
-All three train the benchmark model (Qwen2Config.small(): vocab 32000, hidden 512, 8 layers, 8 heads,
+All three train the benchmark model (Qwen2Config.preset("small"): vocab 32000, hidden 512, 8 layers, 8 heads,
 2 kv heads, intermediate 1408) as a 2-class token classifier in float32 with AdamW (lr 1e-5) and
 global-norm clipping 1.0, batch 8, max length 512, on the same records: ProcessBench GSM8K solutions
 turned into training records (steps up to the first error; 1 before it, 0 at it). Each part runs in
@@ -105,7 +105,7 @@ def part_jax(work: str, steps: int) -> dict:
     from prm_jax.training.config import apply_overrides, TrainConfig
 
     groups, pad = encoded_batches(work, steps)
-    cfg = Qwen2Config.small()
+    cfg = Qwen2Config.preset("small")
     mesh = pmesh.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     tcfg = apply_overrides(TrainConfig(), [f"lr={LR}", "warmup_steps=0", "steps=1000", "clip_norm=1.0"])
     model = Qwen2PRM(cfg, nnx.Rngs(0))
@@ -170,7 +170,7 @@ def _torch_model():
     from prm_jax.models.qwen2 import Qwen2Config
 
     torch.manual_seed(0)
-    hf = dict(Qwen2Config.small().to_hf())
+    hf = dict(Qwen2Config.preset("small").to_hf())
     hf.update(num_labels=2, architectures=["Qwen2ForTokenClassification"], pad_token_id=0)
     return Qwen2ForTokenClassification(HFQwen2Config(**hf)).float()
 
@@ -307,7 +307,7 @@ def main() -> None:
         return
 
     prepare(args.work, n_records=args.steps * BATCH)
-    print(f"PRM train step, Qwen2Config.small() (vocab 32000, h512, 8 layers), f32, batch {BATCH}, "
+    print(f"PRM train step, Qwen2Config.preset('small') (vocab 32000, h512, 8 layers), f32, batch {BATCH}, "
           f"max length {MAX_LEN}, {args.steps} timed steps x {args.rounds} rounds (median), ProcessBench-GSM8K "
           "records, CPU")
     pythons = {"jax": sys.executable, "torch": sys.executable, "trl": args.trl_python, "trl-bf16": args.trl_python}

@@ -56,8 +56,8 @@ def train_mfu(variant: str, seq: int, preset: str, steps: int = 6) -> None:
 
     attn, remat, batch = variant.split("/")
     batch = int(batch)
-    cfg = getattr(Qwen2Config, preset)(
-        param_dtype="float32", dtype="bfloat16", attention_impl="xla" if attn == "xla" else "cudnn",
+    cfg = Qwen2Config.preset(
+        preset, param_dtype="float32", dtype="bfloat16", attention_impl="xla" if attn == "xla" else "cudnn",
         remat=remat != "off", remat_saves="matmuls" if remat == "matmuls" else "nothing")
     mesh = pmesh.make_mesh(None)
     abstract = nnx.eval_shape(lambda: Qwen2PRM(cfg, nnx.Rngs(0)))
@@ -127,7 +127,7 @@ def sampler_vs_hf(batch: int, prompt_len: int, new_tokens: int) -> None:
     from prm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
     from prm_jax.sampling.sampler import generate
 
-    cfg = Qwen2Config.qwen2_5_1_5b(param_dtype="bfloat16", dtype="bfloat16")
+    cfg = Qwen2Config.preset("qwen2_5_1_5b", param_dtype="bfloat16", dtype="bfloat16")
     model = Qwen2ForCausalLM(cfg, nnx.Rngs(0))
     rng = np.random.default_rng(0)
     prompts = [list(map(int, rng.integers(0, cfg.vocab_size, prompt_len))) for _ in range(batch)]

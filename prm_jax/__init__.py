@@ -12,7 +12,7 @@ _API = {
     "save_hf": "prm_jax.models.hf",
     "generate": "prm_jax.sampling.sampler",
     "make_mesh": "prm_jax.parallel.mesh",
-    "Qwen2Config": "prm_jax.models.qwen2",
+    "Qwen2Config": "prm_jax.models.config",
     "Qwen2ForCausalLM": "prm_jax.models.qwen2",
     "Qwen2PRM": "prm_jax.models.prm",
     "search": "prm_jax.search",

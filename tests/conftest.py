@@ -111,7 +111,7 @@ def spread_tiny_prm(vocab_size: int, seed: int):
     from prm_jax.models.prm import Qwen2PRM
     from prm_jax.models.qwen2 import Qwen2Config
 
-    prm = Qwen2PRM(Qwen2Config.tiny(vocab_size=vocab_size), nnx.Rngs(seed))
+    prm = Qwen2PRM(Qwen2Config.preset("tiny", vocab_size=vocab_size), nnx.Rngs(seed))
     k = prm.score.dense_out.kernel
     k.set_value(k.get_value() * 400.0)
     return prm

@@ -20,7 +20,7 @@ def policy_dir(tmp_path_factory, toy_tokenizer_dir, toy_tokenizer):
     from prm_jax.models.hf import save_hf
     from prm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config.tiny(vocab_size=len(toy_tokenizer), max_position_embeddings=CONTEXT)
+    cfg = Qwen2Config.preset("tiny", vocab_size=len(toy_tokenizer), max_position_embeddings=CONTEXT)
     out = tmp_path_factory.mktemp("err_policy") / "policy"
     save_hf(Qwen2ForCausalLM(cfg, nnx.Rngs(0)), out, tokenizer_dir=toy_tokenizer_dir)
     return str(out)

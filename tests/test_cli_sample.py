@@ -30,7 +30,7 @@ def policy_dir(tmp_path_factory, toy_tokenizer_dir, toy_tokenizer):
     from prm_jax.models.hf import save_hf
     from prm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 
-    model = Qwen2ForCausalLM(Qwen2Config.tiny(vocab_size=len(toy_tokenizer)), nnx.Rngs(0))
+    model = Qwen2ForCausalLM(Qwen2Config.preset("tiny", vocab_size=len(toy_tokenizer)), nnx.Rngs(0))
     out = tmp_path_factory.mktemp("tiny_policy") / "tiny-policy"
     save_hf(model, out, tokenizer_dir=toy_tokenizer_dir)
     return str(out)

@@ -26,7 +26,7 @@ MAX_LEN = 256
 
 @pytest.fixture(scope="module")
 def tiny_prm(toy_tokenizer):
-    prm = Qwen2PRM(Qwen2Config.tiny(vocab_size=len(toy_tokenizer)), nnx.Rngs(0))
+    prm = Qwen2PRM(Qwen2Config.preset("tiny", vocab_size=len(toy_tokenizer)), nnx.Rngs(0))
     # A random head puts every score at 0.50 +- 0.001; spread them so thresholds matter.
     k = prm.score.dense_out.kernel
     k.set_value(k.get_value() * 400.0)

@@ -155,7 +155,7 @@ def test_sharded_transformers_checkpoint_roundtrip_bf16(tmp_path):
 
 @pytest.mark.parametrize("tied,shard", [(False, None), (True, 30_000)])
 def test_export_then_transformers_from_pretrained(tmp_path, tied, shard):
-    cfg = Qwen2Config.tiny(vocab_size=VOCAB, tie_word_embeddings=tied, rope_theta=10_000.0)
+    cfg = Qwen2Config.preset("tiny", vocab_size=VOCAB, tie_word_embeddings=tied, rope_theta=10_000.0)
     ours = random_ours(Qwen2ForCausalLM, cfg, seed=1)
     ids, mask = ragged_batch(1)
     expected = run(ours, ids, mask)[0]
@@ -168,7 +168,7 @@ def test_export_then_transformers_from_pretrained(tmp_path, tied, shard):
 
 
 def test_prm_matches_torch_reference(tmp_path):
-    cfg = Qwen2Config.tiny(vocab_size=VOCAB, rope_theta=10_000.0)
+    cfg = Qwen2Config.preset("tiny", vocab_size=VOCAB, rope_theta=10_000.0)
     prm = random_ours(Qwen2PRM, cfg, seed=2)
     ids, mask = ragged_batch(2)
     ours = run(prm, ids, mask)[0]
@@ -227,7 +227,7 @@ def test_compute_dtype_override(hf_dir):
 
 
 def test_tokenizer_copied_and_loadable(tmp_path, toy_tokenizer_dir, toy_tokenizer):
-    ours = random_ours(Qwen2ForCausalLM, Qwen2Config.tiny(vocab_size=len(toy_tokenizer)), seed=0)
+    ours = random_ours(Qwen2ForCausalLM, Qwen2Config.preset("tiny", vocab_size=len(toy_tokenizer)), seed=0)
     out = save_hf(ours, tmp_path, tokenizer_dir=toy_tokenizer_dir)
     tok = load_tokenizer(out)
     text = "3 + 12 = 15. The answer is \\boxed{15}."
@@ -355,7 +355,7 @@ def test_missing_config_key(good_dir):
 
 
 def test_tokenizer_dir_without_tokenizer(tmp_path, good_dir):
-    ours = random_ours(Qwen2ForCausalLM, Qwen2Config.tiny(vocab_size=VOCAB), seed=0)
+    ours = random_ours(Qwen2ForCausalLM, Qwen2Config.preset("tiny", vocab_size=VOCAB), seed=0)
     shutil.rmtree(good_dir)
     good_dir.mkdir()
     with pytest.raises(CheckpointError, match="no tokenizer files"):

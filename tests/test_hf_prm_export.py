@@ -63,7 +63,7 @@ def assert_rewards_close(a, b):
 
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_transformers_auto_classes_load_the_export_as_the_prm(tmp_path, name):
-    cfg = Qwen2Config.tiny(vocab_size=VOCAB, rope_theta=10_000.0, **SMALL[name])
+    cfg = Qwen2Config.preset("tiny", vocab_size=VOCAB, rope_theta=10_000.0, **SMALL[name])
     prm = random_ours(Qwen2PRM, cfg, seed=len(name))
     ids, mask = ragged_steps(len(name))
     ours = step_rewards(run(prm, ids, mask)[0], ids, STEP)
@@ -91,8 +91,8 @@ def test_transformers_auto_classes_load_the_export_as_the_prm(tmp_path, name):
 
 def test_causal_export_has_no_prm_code(tmp_path):
     out = tmp_path / "e"
-    save_hf(random_ours(Qwen2PRM, Qwen2Config.tiny(vocab_size=VOCAB), seed=0), out)
-    save_hf(random_ours(Qwen2ForCausalLM, Qwen2Config.tiny(vocab_size=VOCAB), seed=0), out)  # same directory
+    save_hf(random_ours(Qwen2PRM, Qwen2Config.preset("tiny", vocab_size=VOCAB), seed=0), out)
+    save_hf(random_ours(Qwen2ForCausalLM, Qwen2Config.preset("tiny", vocab_size=VOCAB), seed=0), out)  # same directory
     assert not (out / "modeling_prm_jax.py").exists()
     assert "auto_map" not in json.loads((out / "config.json").read_text())
 
@@ -196,7 +196,7 @@ def test_official_checkpoint_reexport_gets_our_modeling_file(qwen25_tokenizer_di
 def test_config_and_tokenizer_disagreeing_on_the_step_token_is_refused(tmp_path, toy_tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(toy_tokenizer_dir)
     extra = tok.convert_tokens_to_ids("<extra_0>")
-    out = save_hf(random_ours(Qwen2PRM, Qwen2Config.tiny(vocab_size=len(tok)), seed=0), tmp_path / "e",
+    out = save_hf(random_ours(Qwen2PRM, Qwen2Config.preset("tiny", vocab_size=len(tok)), seed=0), tmp_path / "e",
                   tokenizer_dir=toy_tokenizer_dir)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["step_token_id"] == extra and cfg["step_token"] == "<extra_0>"
@@ -223,7 +223,7 @@ def test_official_vocabulary_without_extra_0_at_151651_is_refused(tmp_path, qwen
 
 
 def test_step_token_id_outside_the_vocabulary_is_refused_at_export(tmp_path, toy_tokenizer_dir):
-    prm = random_ours(Qwen2PRM, Qwen2Config.tiny(vocab_size=VOCAB), seed=0)
+    prm = random_ours(Qwen2PRM, Qwen2Config.preset("tiny", vocab_size=VOCAB), seed=0)
     with pytest.raises(CheckpointError, match=r"step token id 100000 is outside the tokenizer's vocabulary"):
         save_hf(prm, tmp_path / "e", tokenizer_dir=toy_tokenizer_dir, step_token_id=100_000)
 

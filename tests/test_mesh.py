@@ -10,7 +10,7 @@ from prm_jax import load_causal_lm, load_prm, save_hf
 from prm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from prm_jax.parallel.mesh import create_sharded, make_mesh, parse_mesh_spec, shard_batch, state_shardings
 
-CFG = Qwen2Config.tiny(vocab_size=128)  # hidden 64, 4 heads x 16, 2 kv heads, mlp 128: all divide by 4
+CFG = Qwen2Config.preset("tiny", vocab_size=128)  # hidden 64, 4 heads x 16, 2 kv heads, mlp 128: all divide by 4
 
 
 def batch(seed=0):

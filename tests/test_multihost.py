@@ -92,7 +92,7 @@ def runs(tmp_path_factory, toy_tokenizer_dir, toy_tokenizer):
 
     root = tmp_path_factory.mktemp("multihost")
     policy = str(root / "policy")
-    save_hf(Qwen2ForCausalLM(Qwen2Config.tiny(vocab_size=len(toy_tokenizer)), nnx.Rngs(0)), policy,
+    save_hf(Qwen2ForCausalLM(Qwen2Config.preset("tiny", vocab_size=len(toy_tokenizer)), nnx.Rngs(0)), policy,
             tokenizer_dir=toy_tokenizer_dir)
     problems = str(root / "problems.jsonl")
     _write_jsonl(problems, [{"id": f"p{i}", "problem": PROBLEM.format(i), "answer": str(i + 12)}

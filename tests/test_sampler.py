@@ -14,7 +14,7 @@ from prm_jax.parallel.mesh import make_mesh, state_shardings
 from prm_jax.sampling import sampler, select
 
 VOCAB = 128
-CFG = Qwen2Config.tiny(vocab_size=VOCAB)
+CFG = Qwen2Config.preset("tiny", vocab_size=VOCAB)
 
 
 def _perturbed_model(seed: int = 0, head_scale: float = 6.0) -> Qwen2ForCausalLM:
@@ -252,7 +252,7 @@ def _counting_model(vocab: int = 64) -> Qwen2ForCausalLM:
     layer's output projections are zero (the residual stream stays the token's embedding), the
     embedding is the identity and the LM head a cyclic shift. With stop id 0, a row whose prompt
     ends with x therefore returns [x+1, ..., vocab-1, 0]: a known length, vocab - x."""
-    cfg = Qwen2Config.tiny(vocab_size=vocab, hidden_size=vocab)
+    cfg = Qwen2Config.preset("tiny", vocab_size=vocab, hidden_size=vocab)
     model = Qwen2ForCausalLM(cfg, nnx.Rngs(0))
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if path[-2] in ("o_proj", "down_proj"):

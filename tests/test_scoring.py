@@ -28,7 +28,7 @@ def ragged_items(n: int = 14) -> list[tuple[str, list[str]]]:
 
 @pytest.fixture(scope="module")
 def tiny_prm(toy_tokenizer):
-    prm = Qwen2PRM(Qwen2Config.tiny(vocab_size=len(toy_tokenizer)), nnx.Rngs(1))
+    prm = Qwen2PRM(Qwen2Config.preset("tiny", vocab_size=len(toy_tokenizer)), nnx.Rngs(1))
     k = prm.score.dense_out.kernel  # spread the scores (a random head puts them all at 0.50)
     k.set_value(k.get_value() * 400.0)
     return prm

@@ -47,7 +47,7 @@ def make_policy(tokenizer):
     bias[[tokenizer.convert_tokens_to_ids(w) for w in WORDS]] = 0.0
     bias[tokenizer.convert_tokens_to_ids("Ċ")] = 0.8  # "\n": "\n\n" (two tokens) ends a step
     bias[tokenizer.eos_token_id] = -2.5
-    return BiasedLM(Qwen2Config.tiny(vocab_size=vocab), nnx.Rngs(0), bias)
+    return BiasedLM(Qwen2Config.preset("tiny", vocab_size=vocab), nnx.Rngs(0), bias)
 
 
 class ScriptedPRM:
@@ -268,7 +268,7 @@ def model_dirs(tmp_path_factory, toy_tokenizer, toy_tokenizer_dir):
     from prm_jax.models.prm import Qwen2PRM
 
     root = tmp_path_factory.mktemp("search_models")
-    cfg = Qwen2Config.tiny(vocab_size=len(toy_tokenizer))
+    cfg = Qwen2Config.preset("tiny", vocab_size=len(toy_tokenizer))
     save_hf(Qwen2ForCausalLM(cfg, nnx.Rngs(1)), root / "policy", tokenizer_dir=toy_tokenizer_dir)
     save_hf(Qwen2PRM(cfg, nnx.Rngs(2)), root / "prm", tokenizer_dir=toy_tokenizer_dir)
     problems = root / "problems.jsonl"

@@ -20,7 +20,7 @@ def test_rope_matches_closed_form():
 
 
 def test_cached_forward_equals_full_forward():
-    cfg = Qwen2Config.tiny(vocab_size=50)
+    cfg = Qwen2Config.preset("tiny", vocab_size=50)
     m = Qwen2ForCausalLM(cfg, nnx.Rngs(0))
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 50, (2, 9)))
     full = m(ids)
@@ -81,10 +81,13 @@ def test_flash_attention_is_causal_with_segment_bias():
 def test_remat_keeping_matmuls_gives_the_same_gradients():
     import jax
 
+    from prm_jax.models.qwen2 import REMAT_POLICIES
+    from prm_jax.models.runtime import REMAT_SAVES
+    assert set(REMAT_POLICIES) == set(REMAT_SAVES)  # every accepted remat_saves has a policy
     ids = jnp.asarray(np.random.RandomState(1).randint(0, 50, (2, 7)))
     grads = []
     for kw in ({}, {"remat": True, "remat_saves": "matmuls"}, {"remat": True}):
-        graphdef, params = nnx.split(Qwen2ForCausalLM(Qwen2Config.tiny(vocab_size=50, **kw), nnx.Rngs(0)))
+        graphdef, params = nnx.split(Qwen2ForCausalLM(Qwen2Config.preset("tiny", vocab_size=50, **kw), nnx.Rngs(0)))
         loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(ids) ** 2)  # noqa: E731
         grads.append(jax.tree.leaves(jax.grad(loss)(params)))
     for other in grads[1:]:
@@ -98,14 +101,14 @@ def test_auto_attention_picks_cudnn_only_on_nvidia_gpus_in_half_precision(monkey
     class FakeDevice:
         device_kind = "NVIDIA H100 80GB HBM3"
 
-    assert not Qwen2Config.tiny(attention_impl="auto", dtype="bfloat16").flash  # this CPU
+    assert not Qwen2Config.preset("tiny", attention_impl="auto", dtype="bfloat16").flash  # this CPU
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax, "devices", lambda *a: [FakeDevice()])
-    assert Qwen2Config.tiny(attention_impl="auto", dtype="bfloat16").flash
-    assert not Qwen2Config.tiny(attention_impl="auto", dtype="float32").flash  # cuDNN flash needs bf16/fp16
-    assert Qwen2Config.tiny(attention_impl="cudnn", dtype="float32").flash  # explicit choice stands
+    assert Qwen2Config.preset("tiny", attention_impl="auto", dtype="bfloat16").flash
+    assert not Qwen2Config.preset("tiny", attention_impl="auto", dtype="float32").flash  # cuDNN flash needs bf16/fp16
+    assert Qwen2Config.preset("tiny", attention_impl="cudnn", dtype="float32").flash  # explicit choice stands
     FakeDevice.device_kind = "AMD Instinct MI300X"
-    assert not Qwen2Config.tiny(attention_impl="auto", dtype="bfloat16").flash
+    assert not Qwen2Config.preset("tiny", attention_impl="auto", dtype="bfloat16").flash
 
 
 def test_prm_logits_and_gradients_at_score_positions_equal_the_full_forward():
@@ -119,7 +122,7 @@ def test_prm_logits_and_gradients_at_score_positions_equal_the_full_forward():
     seg = jnp.asarray([[1] * 5 + [2] * 5 + [0] * 2, [1] * 12])
     idx = jnp.asarray([[0, 4, 7, 9], [3, 5, 11, 0]])
     for kw in ({}, {"remat": True}):
-        graphdef, params = nnx.split(Qwen2PRM(Qwen2Config.tiny(vocab_size=50, **kw), nnx.Rngs(0)))
+        graphdef, params = nnx.split(Qwen2PRM(Qwen2Config.preset("tiny", vocab_size=50, **kw), nnx.Rngs(0)))
 
         def full(p):
             return jnp.take_along_axis(nnx.merge(graphdef, p)(ids, segment_ids=seg), idx[..., None], axis=1)

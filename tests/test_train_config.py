@@ -6,8 +6,11 @@ import os
 import pytest
 
 from prm_jax import cli
-from prm_jax.training import trainer
-from prm_jax.training.config import PRESET_NAMES, OptimConfig, RunConfig, TrainConfig, apply_overrides, load_config
+from prm_jax.errors import InputError
+from prm_jax.models.architectures import OBJECTIVE_ARCH
+from prm_jax.models.config import Qwen2Config
+from prm_jax.training.config import OptimConfig, RunConfig, TrainConfig, apply_overrides, load_config
+from prm_jax.training.losses import LOSSES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RECIPE = os.path.join(REPO, "experiments", "recipes", "tiny-cpu.yaml")
@@ -59,7 +62,9 @@ def test_boundary_values_are_accepted_and_unchanged():
     assert (cfg.run.steps, cfg.optim.warmup_steps, cfg.run.save_every, cfg.optim.clip_norm) == (1, 1, 0, None)
     for recipe in ("tiny-cpu.yaml", "qwen2.5-math-7b-prm-v5p-64.yaml", "qwen2.5-math-7b-prm-8xh100.yaml"):
         load_config(os.path.join(REPO, "experiments", "recipes", recipe))
-    assert set(PRESET_NAMES) == set(trainer.PRESETS)
+    assert set(OBJECTIVE_ARCH) == set(LOSSES)  # every objective builds an architecture
+    with pytest.raises(InputError, match=r"^model preset 'huge': expected one of tiny, small, qwen2_5_1_5b, "):
+        Qwen2Config.preset("huge")
 
 
 def test_direct_construction_and_yaml_files_are_checked_too(tmp_path):

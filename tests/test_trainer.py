@@ -129,7 +129,7 @@ def toy_examples(tmp_path_factory, toy_tokenizer):
 
 
 def tiny_model_cfg():
-    return Qwen2Config.tiny(vocab_size=320)
+    return Qwen2Config.preset("tiny", vocab_size=320)
 
 
 def test_packed_and_unpacked_batches_give_the_same_loss(toy_examples):
@@ -296,7 +296,7 @@ def test_flop_formula_counts_every_matmul_parameter():
 
 
 def test_dense_matmul_backward_equals_autodiff():
-    from prm_jax.models.qwen2 import matmul
+    from prm_jax.models.linear import matmul
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32)

@@ -6,6 +6,7 @@ import logging
 
 from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT
 from prm_jax.flags import input_file, model_dir, nonneg_int, positive_int
+from prm_jax.models.runtime import DTYPES
 from prm_jax.parallel.mesh import add_distributed_flags
 
 
@@ -48,7 +49,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-token", default=DEFAULT_STEP_TOKEN, help="step separator token (name or id)")
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
                    help="the system prompt the PRM was trained with ('' for none; default: Qwen2.5-Math's CoT prompt)")
-    p.add_argument("--dtype", default=None, help="compute dtype (e.g. bfloat16); default: the checkpoint's")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="compute dtype (e.g. bfloat16); default: the checkpoint's")
     p.add_argument("--scoring-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="bfloat16: backbone matmuls in bf16, softmax/norms/score head in f32; auto (without --dtype): "
                         "the faster at equal rankings on this platform (bf16 on GPU/TPU, f32 on XLA:CPU)")

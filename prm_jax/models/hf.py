@@ -36,14 +36,15 @@ from tqdm.auto import tqdm
 
 from prm_jax.errors import InputError
 from prm_jax.models import qwen_vocab as qv
+from prm_jax.models.architectures import ARCHITECTURES, HF_ARCHITECTURES, arch_of
+from prm_jax.models.config import Qwen2Config
 from prm_jax.models.prm import Qwen2PRM
-from prm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
+from prm_jax.models.qwen2 import Qwen2ForCausalLM
+from prm_jax.models.runtime import DTYPES
 from prm_jax.parallel.mesh import make_mesh, state_shardings
 
 log = logging.getLogger(__name__)
 
-PRM_ARCHITECTURE = "Qwen2ForProcessRewardModel"
-CAUSAL_ARCHITECTURE = "Qwen2ForCausalLM"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -250,15 +251,16 @@ def hf_key(path: tuple) -> tuple[str, bool]:
 
 
 def _is_prm_checkpoint(hf: dict, entries: dict) -> bool:
-    return PRM_ARCHITECTURE in (hf.get("architectures") or []) or "score.0.weight" in entries
+    return HF_ARCHITECTURES["prm"] in (hf.get("architectures") or []) or "score.0.weight" in entries
 
 
 def _stored_dtype(hf: dict, entries: dict[str, TensorEntry]) -> str:
     name = hf.get("dtype") or hf.get("torch_dtype")
-    if isinstance(name, str) and name in ("float32", "bfloat16", "float16"):
+    if isinstance(name, str) and name in DTYPES:
         return name
     floats = [e.dtype for e in entries.values() if np.issubdtype(e.dtype, np.floating) or e.dtype == jnp.bfloat16]
-    return np.dtype(floats[0]).name if floats else "float32"
+    name = np.dtype(floats[0]).name if floats else "float32"
+    return name if name in DTYPES else "float32"  # float64: what jax (without x64) computes it in anyway
 
 
 def has_tokenizer(path: str | os.PathLike) -> bool:
@@ -296,22 +298,25 @@ def _resolve_mesh(mesh) -> Mesh | None:
     return mesh if mesh is None or isinstance(mesh, Mesh) else make_mesh(mesh)
 
 
-def _load(path, kind: str, mesh, dtype, param_dtype, seed: int) -> nnx.Module:
+def load(path: str | os.PathLike, arch: str, mesh=None, dtype=None, *, param_dtype=None,
+         seed: int = 0) -> nnx.Module:
+    """The model of architecture `arch` ("prm" | "lm", see `architectures`) from a Hugging Face
+    directory: `load_prm` or `load_causal_lm`."""
     path = Path(path)
     hf = read_config(path)
     entries = checkpoint_entries(path)
     is_prm = _is_prm_checkpoint(hf, entries)
-    if kind == "causal" and is_prm:
+    if arch == "lm" and is_prm:
         raise CheckpointError(f"{path / 'config.json'}: key 'architectures' is {hf.get('architectures')}: a PRM "
                               "checkpoint has no LM head; load it with load_prm")
     param_dtype = str(np.dtype(param_dtype or _stored_dtype(hf, entries)))
     cfg = Qwen2Config.from_hf(hf, source=str(path / "config.json"), param_dtype=param_dtype,
                               dtype=str(np.dtype(dtype or param_dtype)))
-    if kind == "prm" and is_prm and has_tokenizer(path):
+    if arch == "prm" and is_prm and has_tokenizer(path):
         check_step_token(path, hf)
     mesh = _resolve_mesh(mesh)
 
-    model_cls = Qwen2PRM if kind == "prm" else Qwen2ForCausalLM
+    model_cls = ARCHITECTURES[arch]
     graphdef, state = nnx.split(nnx.eval_shape(lambda: model_cls(cfg, nnx.Rngs(seed))))
     if mesh is not None:
         sharding_of = dict(nnx.to_flat_state(state_shardings(state, mesh))).__getitem__
@@ -320,7 +325,7 @@ def _load(path, kind: str, mesh, dtype, param_dtype, seed: int) -> nnx.Module:
         sharding_of = lambda p: single  # noqa: E731
 
     fresh: dict[tuple, Any] = {}
-    if kind == "prm" and not is_prm:  # a PRM started from a policy: new score head, LM head dropped
+    if arch == "prm" and not is_prm:  # a PRM started from a policy: new score head, LM head dropped
         log.info("%s is a causal-LM checkpoint: loading the backbone, initialising the score head (seed %d)",
                  path, seed)
         fresh = _fresh_head(state, seed, sharding_of)
@@ -355,7 +360,7 @@ def _load(path, kind: str, mesh, dtype, param_dtype, seed: int) -> nnx.Module:
         for f in files.values():
             f.close()
     extra = sorted(k for k in entries if k not in used and "rotary_emb.inv_freq" not in k
-                   and not (k == "lm_head.weight" and (kind == "prm" or cfg.tie_word_embeddings)))
+                   and not (k == "lm_head.weight" and (arch == "prm" or cfg.tie_word_embeddings)))
     if extra:
         log.warning("%s: %d checkpoint tensors not used by %s, e.g. %s", path, len(extra), model_cls.__name__,
                     extra[:3])
@@ -381,13 +386,13 @@ def load_causal_lm(path: str | os.PathLike, mesh=None, dtype=None, *, param_dtyp
     """A transformers Qwen2ForCausalLM directory -> our policy, created directly in `mesh`'s sharding
     (a Mesh, a spec such as "data=2,fsdp=-1,tensor=2", or None for one device).
     `param_dtype` defaults to the checkpoint's dtype, `dtype` (compute) to `param_dtype`."""
-    return _load(path, "causal", mesh, dtype, param_dtype, seed=0)
+    return load(path, "lm", mesh, dtype, param_dtype=param_dtype)
 
 
 def load_prm(path: str | os.PathLike, mesh=None, dtype=None, *, param_dtype=None, seed: int = 0) -> Qwen2PRM:
     """A PRM directory (ours or the official Qwen2.5-Math-PRM) or a causal-LM directory (backbone loaded,
     LM head dropped, score head freshly initialised from `seed`) -> Qwen2PRM."""
-    return _load(path, "prm", mesh, dtype, param_dtype, seed=seed)
+    return load(path, "prm", mesh, dtype, param_dtype=param_dtype, seed=seed)
 
 
 # -- export -----------------------------------------------------------------------------------
@@ -403,10 +408,10 @@ def _to_host(x: jax.Array) -> np.ndarray:
 def hf_config(model: nnx.Module, step_token: tuple[str | None, int] | None = None) -> dict[str, Any]:
     """config.json of `model`; a PRM's names its modeling file (auto_map) and, when known, its step token
     (`step_token`, `step_token_id`: what load_prm checks the tokenizer against)."""
-    cfg = model.cfg.to_hf()
-    if isinstance(model, Qwen2PRM):
-        cfg.update(architectures=[PRM_ARCHITECTURE], num_labels=int(model.score.dense_out.kernel.shape[1]),
-                   auto_map=dict(PRM_AUTO_MAP))
+    arch = arch_of(model)
+    cfg = {**model.cfg.to_hf(), "architectures": [HF_ARCHITECTURES[arch]]}
+    if arch == "prm":
+        cfg.update(num_labels=int(model.score.dense_out.kernel.shape[1]), auto_map=dict(PRM_AUTO_MAP))
         if step_token is not None:
             name, token_id = step_token
             cfg.update(**({"step_token": name} if name else {}), step_token_id=int(token_id))
@@ -458,8 +463,7 @@ def save_hf(model: nnx.Module, out_dir: str | os.PathLike, tokenizer_dir: str | 
     `<extra_0>`; a stock Qwen2.5 tokenizer gets 151651 renamed to `<extra_0>` in the copy). Shards above
     `max_shard_bytes` (with an index); tokenizer files of `tokenizer_dir` copied alongside. Gathers one tensor
     at a time; on multi-host runs every process must call this, process 0 writes."""
-    if not isinstance(model, (Qwen2ForCausalLM, Qwen2PRM)):
-        raise TypeError(f"save_hf expects a Qwen2ForCausalLM or Qwen2PRM, got {type(model).__name__}")
+    arch = arch_of(model)  # a TypeError for anything but a model of ARCHITECTURES
     out = Path(out_dir)
     writer = jax.process_index() == 0
     tok_files = [f for f in TOKENIZER_FILES if (Path(tokenizer_dir) / f).is_file()] if tokenizer_dir else []
@@ -515,7 +519,7 @@ def save_hf(model: nnx.Module, out_dir: str | os.PathLike, tokenizer_dir: str | 
     for f in tok_files:
         shutil.copyfile(Path(tokenizer_dir) / f, out / f)
     step = None
-    if isinstance(model, Qwen2PRM):
+    if arch == "prm":
         if tok_files:
             step = _export_step_token(out, Path(tokenizer_dir), step_token_id, model.cfg.vocab_size)
         elif step_token_id is not None:

@@ -9,10 +9,13 @@ KV cache: one (k, v) pair per layer of shape [B, kv_heads, S, head_dim], where t
 token is its position. `forward_cached` writes the new tokens' keys at their positions and lets
 each query attend to slots <= its own position, which serves prefill (positions 0..T-1 of a
 right-padded batch), shared-prefix continuation and one-token decode with a single code path.
+
+The config (shape, presets, runtime fields, HF config.json) is `models.config.Qwen2Config`; the
+speed-ups this page only picks live in `models.attention` (attention kernels) and `models.linear`
+(the dense layers' matmul).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -20,168 +23,20 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from prm_jax.errors import InputError
 from prm_jax.models.attention import attend
+from prm_jax.models.config import Qwen2Config
+from prm_jax.models.linear import matmul
 
 Array = jax.Array
+# remat_saves (runtime.REMAT_SAVES) -> what the forward keeps under remat
 REMAT_POLICIES = {"nothing": None, "matmuls": jax.checkpoint_policies.save_only_these_names("matmul")}
 KVCache = list  # [(k, v)] per layer, each [B, kv_heads, S, head_dim]
-
-
-@dataclasses.dataclass(frozen=True)
-class Qwen2Config:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int | None = None  # default hidden_size // num_heads
-    rope_theta: float = 1_000_000.0
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = 32768
-    param_dtype: str = "float32"  # storage ("master") dtype of the weights
-    dtype: str = "float32"  # compute dtype
-    remat: bool = False  # recompute each layer's activations in the backward pass
-    remat_saves: str = "nothing"  # under remat, what the forward keeps: "nothing" beyond each layer's input,
-    # or "matmuls" (every projection's and attention's output; only elementwise work is recomputed)
-    attention_impl: str = "xla"  # full-sequence attention: "xla" (any backend), "cudnn" (flash attention on
-    # NVIDIA GPUs, bf16/fp16 compute) or "auto" (cudnn where it applies, else xla)
-
-    def __post_init__(self):
-        if self.attention_impl not in ("xla", "cudnn", "auto"):
-            raise InputError(f"attention_impl={self.attention_impl!r}: expected 'xla', 'cudnn' or 'auto'")
-        if self.remat_saves not in REMAT_POLICIES:
-            raise InputError(f"remat_saves={self.remat_saves!r}: expected one of {sorted(REMAT_POLICIES)}")
-        if self.num_heads % self.num_kv_heads:
-            raise InputError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
-
-    @property
-    def flash(self) -> bool:
-        """Whether full-sequence attention runs cuDNN flash attention (read when the model is traced)."""
-        if self.attention_impl == "auto":
-            return (jax.default_backend() == "gpu" and "nvidia" in jax.devices()[0].device_kind.lower()
-                    and jnp.dtype(self.dtype) in (jnp.bfloat16, jnp.float16))
-        return self.attention_impl == "cudnn"
-
-    @property
-    def head_size(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_heads
-
-    def replace(self, **kw) -> "Qwen2Config":
-        return dataclasses.replace(self, **kw)
-
-    # -- presets -------------------------------------------------------------------------
-    @classmethod
-    def tiny(cls, vocab_size: int = 256, **kw) -> "Qwen2Config":
-        """A few-hundred-kilobyte model for unit tests."""
-        return cls(**{**dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
-                             num_heads=4, num_kv_heads=2), **kw})
-
-    @classmethod
-    def small(cls, **kw) -> "Qwen2Config":
-        """The benchmark config of the issues (vocab 32000, hidden 512, 8 layers)."""
-        return cls(**{**dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_layers=8,
-                             num_heads=8, num_kv_heads=2), **kw})
-
-    @classmethod
-    def qwen2_5_1_5b(cls, **kw) -> "Qwen2Config":
-        return cls(**{**dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
-                             num_heads=12, num_kv_heads=2, tie_word_embeddings=True), **kw})
-
-    @classmethod
-    def qwen2_5_math_7b(cls, **kw) -> "Qwen2Config":
-        return cls(**{**dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
-                             num_heads=28, num_kv_heads=4, rope_theta=10000.0, max_position_embeddings=4096),
-                      **kw})
-
-    # -- Hugging Face config.json ----------------------------------------------------------
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any], source: str = "config.json", **overrides) -> "Qwen2Config":
-        """Build from a transformers Qwen2 config dict; refuse what this port does not implement."""
-        def need(key):
-            if key not in hf:
-                raise InputError(f"{source}: missing key {key!r}")
-            return hf[key]
-
-        if hf.get("model_type") not in ("qwen2", None):
-            raise InputError(f"{source}: key 'model_type' is {hf.get('model_type')!r}; only 'qwen2' is supported")
-        if hf.get("use_sliding_window"):
-            raise InputError(f"{source}: key 'use_sliding_window' is true; sliding-window attention is not supported")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise InputError(f"{source}: key 'hidden_act' is {hf['hidden_act']!r}; only 'silu' is supported")
-        if hf.get("rope_scaling"):
-            raise InputError(f"{source}: key 'rope_scaling' is set ({hf['rope_scaling']!r}); only plain RoPE is supported")
-        rope = hf.get("rope_parameters") or {}
-        if rope.get("rope_type", "default") != "default":
-            raise InputError(f"{source}: key 'rope_parameters.rope_type' is {rope['rope_type']!r}; "
-                             "only 'default' RoPE is supported")
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        heads = need("num_attention_heads")
-        hidden = need("hidden_size")
-        head_dim = hf.get("head_dim")
-        kw = dict(
-            vocab_size=need("vocab_size"), hidden_size=hidden, intermediate_size=need("intermediate_size"),
-            num_layers=need("num_hidden_layers"), num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=None if head_dim in (None, hidden // heads) else head_dim,
-            rope_theta=float(theta), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
-        )
-        kw.update(overrides)
-        return cls(**kw)
-
-    def to_hf(self) -> dict[str, Any]:
-        return {
-            "architectures": ["Qwen2ForCausalLM"],
-            "model_type": "qwen2",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_size,
-            "hidden_act": "silu",
-            "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "attention_dropout": 0.0,
-            "torch_dtype": self.param_dtype,
-        }
 
 
 # -- layers ------------------------------------------------------------------------------------
 
 def _init(key, shape, dtype, scale):
     return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
-
-
-@jax.custom_vjp
-def matmul(x: Array, w: Array) -> Array:
-    """x [..., d_in] @ w [d_in, d_out], with a hand-written backward: the weight gradient as one 2-D
-    matmul over the flattened leading axes. Autodiff's version contracts the batch and time axes of
-    3-D operands, which XLA:CPU runs about 2x slower (small PRM train step on CPU: 4.5 s -> 3.1 s)."""
-    return x @ w
-
-
-def _matmul_fwd(x, w):
-    return x @ w, (x, w)
-
-
-def _matmul_bwd(res, dy):
-    x, w = res
-    dw = x.reshape(-1, x.shape[-1]).T @ dy.reshape(-1, dy.shape[-1])
-    return dy @ w.T, dw.astype(w.dtype)
-
-
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Dense(nnx.Module):

@@ -22,6 +22,7 @@ from prm_jax.data.prm_format import DEFAULT_SYSTEM_PROMPT
 from prm_jax.errors import InputError
 from prm_jax.flags import (add_allow_empty, input_file, model_dir, nonneg_float, nonneg_int, positive_float,
                             positive_int, require_records, top_p)
+from prm_jax.models.runtime import DTYPES
 from prm_jax.parallel.mesh import add_distributed_flags
 from prm_jax.records import RecordError, iter_lines
 
@@ -51,7 +52,8 @@ def register(sub) -> None:
 def add_policy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "data=4,tensor=2" (default: all devices on data)')
-    p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="compute dtype, e.g. bfloat16 (default: the checkpoint's)")
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
                    help="policy system prompt ('' for none; default: Qwen2.5-Math's CoT prompt)")
     p.add_argument("--grade-workers", type=nonneg_int, default=2,

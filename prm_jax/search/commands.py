@@ -9,6 +9,7 @@ from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT
 from prm_jax.data.steps import STEP_SEPARATOR
 from prm_jax.flags import (add_allow_empty, input_file, model_dir, nonneg_float, nonneg_int, positive_float,
                            positive_int, require_records, top_p)
+from prm_jax.models.runtime import DTYPES
 from prm_jax.parallel.mesh import add_distributed_flags
 
 STRATEGIES = ("best-of-n", "beam", "dvts")  # = search.strategies.STRATEGIES (not imported: no JAX for --help)
@@ -46,7 +47,8 @@ def register(sub) -> None:
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
                    help="system prompt of policy and PRM ('' for none; default: Qwen2.5-Math's CoT prompt)")
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "data=4,tensor=2" (default: one device)')
-    p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="compute dtype, e.g. bfloat16 (default: the checkpoint's)")
     p.add_argument("--grade-workers", type=nonneg_int, default=2,
                    help="processes grading answers with math-verify (0: grade in this process)")
     p.add_argument("--grade-timeout", type=positive_float, default=5.0, help="seconds of math-verify per answer")

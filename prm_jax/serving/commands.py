@@ -10,6 +10,7 @@ import signal
 from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT
 from prm_jax.errors import InputError
 from prm_jax.flags import model_dir, nonneg_float, nonneg_int, positive_int
+from prm_jax.models.runtime import DTYPES
 from prm_jax.parallel.mesh import add_distributed_flags
 from prm_jax.rewards import AGG_ALIASES
 from prm_jax.evaluation.metrics import AGGREGATIONS
@@ -30,7 +31,8 @@ def register(subparsers) -> None:
                    help="require `Authorization: Bearer KEY` on every path but /health (default: $PRM_JAX_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --prm as given)")
     p.add_argument("--mesh", default=None, help="mesh spec, e.g. data=4,tensor=2 (default: all devices on data)")
-    p.add_argument("--dtype", default=None, help="compute dtype (e.g. bfloat16); default: the checkpoint's")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="compute dtype (e.g. bfloat16); default: the checkpoint's")
     p.add_argument("--max-length", type=positive_int, default=4096, help="tokens per input; longer ones get 400")
     p.add_argument("--batch-size", type=positive_int, default=32,
                    help="rows per forward (rounded up to data shards); keep it well below the concurrent requests: "

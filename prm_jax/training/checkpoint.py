@@ -9,7 +9,8 @@ disk when the run says so. Resuming takes the newest step that restores (`restor
 that does not (a torn file, a missing item) is logged, skipped and renamed `<step>.unrestorable`.
 
 `meta` (JSON) holds what is needed to rebuild the model without the original init directory:
-the architecture ("prm" | "lm"), the Qwen2Config fields, the objective and the training config.
+the architecture (a key of `models.architectures.ARCHITECTURES`), the Qwen2Config fields, the objective
+and the training config.
 The tokenizer lives next to the checkpoints in OUT/tokenizer.
 """
 from __future__ import annotations
@@ -27,8 +28,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from prm_jax.errors import RunError
+from prm_jax.models.architectures import ARCHITECTURES
+from prm_jax.models.config import Qwen2Config
 from prm_jax.models.hf import CheckpointError  # also this module's error: a step that does not restore
-from prm_jax.models.qwen2 import Qwen2Config
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -146,11 +148,8 @@ def model_meta(model_cfg: Qwen2Config, arch: str) -> dict[str, Any]:
 
 def build_abstract(meta: dict[str, Any]) -> tuple[nnx.GraphDef, Any, Qwen2Config]:
     """(graphdef, abstract pure-dict params, config) of the model a checkpoint holds."""
-    from prm_jax.models.prm import Qwen2PRM
-    from prm_jax.models.qwen2 import Qwen2ForCausalLM
-
     cfg = Qwen2Config(**meta["model_config"])
-    cls = {"prm": Qwen2PRM, "lm": Qwen2ForCausalLM}[meta["arch"]]
+    cls = ARCHITECTURES[meta["arch"]]
     graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg, nnx.Rngs(0))))
     return graphdef, nnx.to_pure_dict(state), cfg
 

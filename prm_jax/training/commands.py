@@ -8,6 +8,7 @@ import os
 import yaml
 
 from prm_jax.errors import InputError
+from prm_jax.models.config import PRESETS
 from prm_jax.parallel.mesh import add_distributed_flags, initialize_distributed
 
 
@@ -16,8 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train a PRM or a policy. Running again on an existing --out resumes from its "
                                    "latest checkpoint.")
     p.add_argument("--init", help="Hugging Face model directory to start from (a causal LM gets a fresh score head)")
-    p.add_argument("--init-config", help="build a fresh model instead: a preset (tiny, small, qwen2_5_1_5b, "
-                                         "qwen2_5_math_7b) or a YAML file of Qwen2Config fields (may hold 'preset')")
+    p.add_argument("--init-config", help=f"build a fresh model instead: a preset ({', '.join(PRESETS)}) "
+                                         "or a YAML file of Qwen2Config fields (may hold 'preset')")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the --init directory)")
     p.add_argument("--train", required=True, help="training records (JSONL)")
     p.add_argument("--eval", help="held-out records (JSONL), evaluated every run.eval_every steps and at the end")

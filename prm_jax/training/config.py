@@ -20,14 +20,13 @@ import yaml
 
 from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT
 from prm_jax.errors import InputError
-
-# Checked when a config is built, so a bad value fails before any work (not after an hour of training,
-# nor silently: lr=-1 would train uphill, steps=0 would "complete" and export an untrained model).
-DTYPES = ("float32", "bfloat16", "float16")
-PRESET_NAMES = ("tiny", "small", "qwen2_5_1_5b", "qwen2_5_math_7b")  # trainer.PRESETS
+from prm_jax.models.config import PRESETS
+from prm_jax.models.runtime import Runtime
 
 
 def _check(cfg: Any, key: str, ok: bool, expected: str) -> None:
+    """Settings are checked when a config is built, so a bad value fails before any work (not after an hour
+    of training, nor silently: lr=-1 would train uphill, steps=0 would "complete" and export an untrained model)."""
     if not ok:
         raise InputError(f"{key}: expected {expected}, got {getattr(cfg, key)!r}")
 
@@ -36,24 +35,19 @@ def _one_of(cfg: Any, key: str, choices: tuple[str, ...]) -> None:
     _check(cfg, key, getattr(cfg, key) in choices, f"one of {', '.join(choices)}")
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    preset: str | None = None  # fresh model: tiny | small | qwen2_5_1_5b | qwen2_5_math_7b (no --init)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig(Runtime):
+    """The model to train; the runtime fields (dtype, param_dtype, remat, remat_saves, attention_impl)
+    and their checks are `Runtime`'s, carried onto the model's Qwen2Config."""
+    preset: str | None = None  # fresh model: a name of models.config.PRESETS (no --init)
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # Qwen2Config fields of a fresh model
     tokenizer: str | None = None  # tokenizer dir (default: the --init dir)
-    dtype: str = "float32"  # compute dtype; "bfloat16" with param_dtype float32 = bf16 compute, f32 master weights
-    param_dtype: str = "float32"
-    remat: bool = False  # recompute each layer's activations in the backward pass
-    remat_saves: str = "nothing"  # under remat: "nothing" (layer inputs only) or "matmuls" (recompute elementwise only)
-    attention_impl: str = "auto"  # cuDNN flash attention on NVIDIA GPUs in bf16/fp16, else XLA's; or "xla" | "cudnn"
+    attention_impl: str = "auto"  # training's default: cuDNN flash attention where it applies (Runtime: "xla")
 
     def __post_init__(self):
         if self.preset is not None:
-            _one_of(self, "preset", PRESET_NAMES)
-        _one_of(self, "dtype", DTYPES)
-        _one_of(self, "param_dtype", DTYPES)
-        _one_of(self, "remat_saves", ("nothing", "matmuls"))
-        _one_of(self, "attention_impl", ("auto", "xla", "cudnn"))
+            _one_of(self, "preset", tuple(PRESETS))
+        super().__post_init__()
 
 
 @dataclasses.dataclass(frozen=True)

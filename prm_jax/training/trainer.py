@@ -32,8 +32,8 @@ from prm_jax.data import pipeline as pl
 from prm_jax.data.prm_format import resolve_step_token
 from prm_jax.errors import InputError, RunError
 from prm_jax.models import hf
-from prm_jax.models.prm import Qwen2PRM
-from prm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
+from prm_jax.models.architectures import ARCHITECTURES, arch_for
+from prm_jax.models.config import Qwen2Config
 from prm_jax.parallel import mesh as pmesh
 from prm_jax.training import checkpoint as ck
 from prm_jax.training import metrics as tm
@@ -50,23 +50,9 @@ class TrainingDiverged(RunError):
 
 # -- model ------------------------------------------------------------------------------------
 
-PRESETS = {"tiny": Qwen2Config.tiny, "small": Qwen2Config.small, "qwen2_5_1_5b": Qwen2Config.qwen2_5_1_5b,
-           "qwen2_5_math_7b": Qwen2Config.qwen2_5_math_7b}
-
-
-def arch_for(objective: str) -> str:
-    return "lm" if objective == "lm" else "prm"
-
-
-def model_class(arch: str):
-    return {"prm": Qwen2PRM, "lm": Qwen2ForCausalLM}[arch]
-
-
 def fresh_config(preset: str, overrides: dict[str, Any], vocab_needed: int) -> Qwen2Config:
     """A from-scratch Qwen2Config; the vocabulary grows to fit the tokenizer unless set explicitly."""
-    if preset not in PRESETS:
-        raise InputError(f"model preset {preset!r}: expected one of {', '.join(PRESETS)}")
-    base = PRESETS[preset](**overrides)
+    base = Qwen2Config.preset(preset, **overrides)
     if "vocab_size" not in overrides and base.vocab_size < vocab_needed:
         base = base.replace(vocab_size=-(-vocab_needed // 64) * 64)
     return base
@@ -83,15 +69,12 @@ def init_from_hf(init_dir: str, arch: str, mesh, seed: int, param_dtype: str) ->
     """Pure-dict params + config from a Hugging Face directory. A PRM run from a causal-LM
     checkpoint (the paper: Qwen2.5-Math-Instruct) keeps the backbone and gets a fresh score head
     (seeded), the LM head dropped (`hf.load_prm` does this)."""
-    if arch == "lm":
-        model = hf.load_causal_lm(init_dir, mesh=mesh, param_dtype=param_dtype)
-    else:
-        model = hf.load_prm(init_dir, mesh=mesh, param_dtype=param_dtype, seed=seed)
+    model = hf.load(init_dir, arch, mesh=mesh, param_dtype=param_dtype, seed=seed)
     return nnx.to_pure_dict(nnx.state(model)), model.cfg
 
 
 def init_fresh(cfg: Qwen2Config, arch: str, mesh, seed: int) -> dict:
-    model = pmesh.create_sharded(lambda: model_class(arch)(cfg, nnx.Rngs(seed)), mesh)
+    model = pmesh.create_sharded(lambda: ARCHITECTURES[arch](cfg, nnx.Rngs(seed)), mesh)
     return nnx.to_pure_dict(nnx.state(model))
 
 
@@ -228,9 +211,7 @@ def _model_and_tokenizer(cfg: TrainConfig, objective: str, arch: str, out_dir: s
             source = f"fresh {cfg.model.preset} model"
         else:
             raise InputError("no model: give --init DIR or --init-config PRESET|YAML (model.preset)")
-    m = cfg.model
-    model_cfg = model_cfg.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, remat_saves=m.remat_saves,
-                                  attention_impl=m.attention_impl)
+    model_cfg = model_cfg.replace(**cfg.model.runtime())
     return tokenizer, model_cfg, params, source
 
 
@@ -308,7 +289,7 @@ def _setup(cfg: TrainConfig, train_file: str, out_dir: str, init_dir: str | None
                                                           train_file, eval_file, progress)
 
     tx, schedule = ts.make_optimizer(cfg), ts.make_schedule(cfg)
-    graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: model_class(arch)(model_cfg, nnx.Rngs(0))))
+    graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: ARCHITECTURES[arch](model_cfg, nnx.Rngs(0))))
     param_sh = nnx.to_pure_dict(pmesh.state_shardings(abs_state, mesh))
     abs_params = nnx.to_pure_dict(abs_state)
     opt_sh, abs_opt = ts.opt_state_shardings(tx, abs_params, param_sh, mesh)
