@@ -11,6 +11,8 @@ GRPO's group-normalised advantages computed here; the policy's parameters moved.
 google-tunix==0.1.5 is in the test extra (pyproject.toml says why that release); without tunix this
 file skips.
 """
+import math
+
 import numpy as np
 import pytest
 
@@ -20,15 +22,16 @@ pytest.importorskip("tunix.rl.grpo.grpo_learner",
 import jax  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
-from tunix.models.dummy_model_creator import create_dummy_model  # noqa: E402
 from tunix.models.qwen2 import model as tunix_qwen2  # noqa: E402
 from tunix.rl import rl_cluster as rl_cluster_lib  # noqa: E402
 from tunix.rl.grpo import grpo_learner as grpo_lib  # noqa: E402
 from tunix.rl.rollout import base_rollout  # noqa: E402
 
 from conftest import spread_tiny_prm  # noqa: E402
-from prm_jax.data.steps import split_steps  # noqa: E402
 from prm_jax.rewards import process_reward, strip_special_tail  # noqa: E402
+
+# Tunix 0.1.5 on jax 0.10 / flax 0.12 warns about `with mesh:`, `.value` and more, dozens of times a step
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 PROBLEMS = ["Tom has 3 apples and buys 12 more. How many apples does he have?", "What is 15 * 4 - 7?"]
 G = 2  # completions per prompt
@@ -40,7 +43,9 @@ class Policy(tunix_qwen2.Qwen2, pytree=False):
     vocabulary with the PRM, and a step token inside a completion is an error for the scorer (a real
     policy's tokenizer has no such token)."""
 
-    forbidden: int = -1
+    def __init__(self, config, *, forbidden: int, rngs: nnx.Rngs):
+        super().__init__(config, rngs=rngs)
+        self.forbidden = forbidden
 
     def __call__(self, *args, **kwargs):
         logits, cache = super().__call__(*args, **kwargs)
@@ -48,14 +53,18 @@ class Policy(tunix_qwen2.Qwen2, pytree=False):
 
 
 def tiny_policy(vocab_size: int, forbidden: int, mesh) -> Policy:
-    """A one-layer Tunix Qwen2 with random weights from Tunix's own dummy-model creator (Qwen2's
-    constructor zero-initialises the MLP, which checkpoints then overwrite)."""
+    """A one-layer Tunix Qwen2. Its constructor zero-initialises the MLP (a checkpoint then overwrites it),
+    which would leave the MLP without a gradient: those kernels get random values here (Tunix's
+    dummy_model_creator does the same for every weight, but compiles once per shape, ~10 s)."""
     config = tunix_qwen2.ModelConfig(num_layers=1, vocab_size=vocab_size, embed_dim=32, hidden_dim=64, num_heads=2,
                                      head_dim=16, num_kv_heads=1, rope_theta=10_000, norm_eps=1e-6,
                                      use_tied_embedding=True)
     with jax.set_mesh(mesh):  # Tunix's Qwen2 annotates its weights with fsdp/tp shardings
-        policy = create_dummy_model(Policy, config, mesh=mesh, random_seed=0, scale=0.1)
-    policy.forbidden = forbidden
+        policy = Policy(config, forbidden=forbidden, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    for proj in (policy.layers[0].mlp.gate_proj, policy.layers[0].mlp.up_proj, policy.layers[0].mlp.down_proj):
+        k = proj.kernel
+        k.set_value(jax.device_put(rng.normal(0, 0.1, k.shape).astype(np.float32), k.get_value().sharding))
     return policy
 
 
@@ -68,8 +77,9 @@ def grpo_advantages(rewards, group):
 
 def test_grpo_learner_step_consumes_the_reward(toy_tokenizer, mesh):
     prm = spread_tiny_prm(len(toy_tokenizer), seed=1)
-    reward_fn = process_reward(prm, toy_tokenizer, "min", mesh=mesh, batch_size=8, max_length=MAX_LEN,
-                               buckets=BUCKETS)
+    # a space as the step separator, so the random policy's completions have several steps each
+    reward_fn = process_reward(prm, toy_tokenizer, "prod", step_split=" ", mesh=mesh, batch_size=8,
+                               max_length=MAX_LEN, buckets=BUCKETS)
     step_id = reward_fn.scorer.step_token_id
     calls = []
 
@@ -126,11 +136,13 @@ def test_grpo_learner_step_consumes_the_reward(toy_tokenizer, mesh):
     # its rewards are the offline scorer's step scores, split and aggregated by hand
     scorer = reward_fn.scorer  # PRMScorer (checked against transformers in test_eval_run); no second compile
     specials = toy_tokenizer.all_special_tokens
-    items = [(q, split_steps(strip_special_tail(c, specials)))
+    items = [(q, [w for w in strip_special_tail(c, specials).split(" ") if w.strip()])
              for q, c in zip(call["kwargs"]["question"], call["completions"])]
-    assert all(steps for _, steps in items), items  # no empty completion: each reward is a PRM score
-    want = [min(s) for s in scorer.score(items)]
+    assert all(steps for _, steps in items) and max(len(steps) for _, steps in items) > 1, items
+    step_scores = scorer.score(items)
+    want = [math.prod(s) for s in step_scores]
     np.testing.assert_allclose(call["rewards"], want, atol=1e-5)
+    assert any(math.prod(s) < min(s) - 1e-3 for s in step_scores)  # prod is neither min nor last here
     assert len(set(np.round(want, 4))) == len(want)  # distinct rewards, so every advantage is non-zero
 
     # the learner trained on exactly those rewards and their group-relative advantages
