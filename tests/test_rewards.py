@@ -2,9 +2,9 @@
 
 References: the offline scorer (`PRMScorer.score`, checked against transformers in test_eval_run)
 on hand-split steps, aggregated by hand; the pure helpers against hand-written cases. Tunix calls a
-reward function as `reward_fn(prompts=..., completions=..., **other batch fields)` after reading
-its signature (tunix/rl/reward_manager.py); the call here does the same, and with google-tunix
-installed a real GRPOLearner step consumes it (test_grpo_learner_step_consumes_the_reward).
+reward function as `reward_fn(prompts=..., completions=..., **other batch fields)` (0.1.5:
+RLLearner._compute_rewards, which adds `mode`; 0.1.7: tunix/rl/reward_manager.py, after reading its
+signature); the call here does the same. A real GRPOLearner step consuming it: test_tunix_grpo.py.
 """
 import inspect
 import math
