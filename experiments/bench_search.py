@@ -294,7 +294,8 @@ def main() -> None:
         print(f"n={n:>3}: prm_jax {len(problems) / ours:7.3f} problems/s (first call incl. compile {first:.1f}s, "
               f"{tokens} policy tokens), transformers {len(problems) / theirs:7.3f} problems/s; "
               f"ratio {theirs / ours:.1f}x")
-        print(f"       KV reuse: {p1 - p0} prefilled tokens vs {p2 - p1} without it ({(p2 - p1) / max(p1 - p0, 1):.1f}x "
+        print(f"       KV reuse: {p1 - p0} prefilled tokens vs {p2 - p1} without it "
+              f"({(p2 - p1) / max(p1 - p0, 1):.1f}x "
               f"fewer), {len(problems) / no_reuse:.3f} problems/s without it; same candidates {same}/{len(problems)}; "
               f"{compiled} sampler programs compiled in the timed runs")
 

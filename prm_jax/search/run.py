@@ -149,7 +149,8 @@ def summarize(records: Sequence[dict]) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"{'run':<52}{'probs':>6}{'wBoN%':>7}{'argmax%':>8}{'maj%':>6}{'pass%':>7}{'pol tok':>9}{'prm tok':>9}{'prefill':>9}"]
+    lines = [f"{'run':<52}{'probs':>6}{'wBoN%':>7}{'argmax%':>8}{'maj%':>6}{'pass%':>7}{'pol tok':>9}{'prm tok':>9}"
+             f"{'prefill':>9}"]
     for run, s in summary.items():
         lines.append(f"{run:<52}{s['problems']:>6}{100 * s['weighted']:>7.1f}{100 * s['prm_argmax']:>8.1f}"
                      f"{100 * s['majority']:>6.1f}{100 * s['pass']:>7.1f}{s['policy_tokens']:>9.0f}"
