@@ -344,12 +344,16 @@ def test_decode_chunk_updates_the_cache_in_place(model, monkeypatch):
     assert not copies, copies[:2]
 
 
-def test_kept_caches_extend_rows_without_prefilling_them(model, prompts):
+def test_kept_caches_extend_rows_without_prefilling_them(model, prompts, monkeypatch):
     """Rows extended from their kept KV caches (return_cache, then reuse=) sample exactly what the
     same prefixes sampled from scratch do, and only each row's last token is prefilled again."""
+    monkeypatch.setattr(sampler, "_CACHE_QUANTUM", 8)  # the pool's cache (and the kept buffer) grow
+    monkeypatch.setattr(sampler, "CHUNK_STEPS", 4)
     kw = dict(temperature=1.0, top_p=0.9, seed=5, stop_ids=[3, 17, 40])
     # a pool of 4 slots for 10 rows: caches are kept as rows finish, across refills and resizes
+    before = len(sampler.compile_log())
     first, kept = sampler.generate_from_prefixes(model, prompts, 2, 10, return_cache=True, max_batch=4, **kw)
+    assert any(line.startswith("grow") for line in sampler.compile_log()[before:])
     ext = [p + r for p, rows in zip(prompts, first) for r in rows]
     assert kept.tokens == tuple(map(tuple, ext)) and kept.valid == tuple(len(x) - 1 for x in ext)
     # extended rows, a shorter prefix of one (it reads part of its cache), and a new prompt (prefilled whole)

@@ -278,7 +278,7 @@ _admit_cached = jax.jit(_admit_cached_impl, static_argnames=("graphdef", "st"), 
 
 def _keep_impl(out, cache, slots, rows, *, mesh: Mesh | None):
     """Copy pool slots `slots` (cache positions [0, L)) into rows `rows` of a call's KVRows buffer
-    `out` (length >= L); rows[i] out of range drops the copy (padding)."""
+    `out` (length >= L: see _grow); rows[i] out of range drops the copy (padding)."""
     _note_compile("keep", f"slots={cache[0][0].shape[0]} cache={cache[0][0].shape[2]} "
                           f"rows={out[0][0].shape[0]}x{out[0][0].shape[2]}")
     length = cache[0][0].shape[2]
@@ -288,6 +288,17 @@ def _keep_impl(out, cache, slots, rows, *, mesh: Mesh | None):
 
 
 _keep = jax.jit(_keep_impl, static_argnames=("mesh",), donate_argnames=("out",))
+
+
+def _grow_impl(out, *, length: int, mesh: Mesh | None):
+    """The KVRows buffer zero-extended to `length` positions: it follows the longest pool it copies
+    from, not prompt + max_new_tokens (a search's steps are far shorter than its token limit)."""
+    _note_compile("grow", f"rows={out[0][0].shape[0]} cache={out[0][0].shape[2]}->{length}")
+    pad = ((0, 0), (0, 0), (0, length - out[0][0].shape[2]), (0, 0))
+    return _constrain([(jnp.pad(k, pad), jnp.pad(v, pad)) for k, v in out], mesh)
+
+
+_grow = jax.jit(_grow_impl, static_argnames=("length", "mesh"))  # a new shape: nothing to donate to
 
 
 def _chunk_impl(graphdef, params, cache, state, base_key, max_new, temperature, top_p, stop_ids, stop_table,
@@ -379,7 +390,8 @@ class KVRows:
     (sample j of prefix p is row counts[0] + ... + counts[p-1] + j); tokens[i] = its prefix + its
     new ids; valid[i] = how many leading positions of it the cache holds exactly: all but the last
     new token's (a finished row's last token is fed only while another row of its pool is live).
-    cache: per layer (k, v) [rows (bucketed), kv_heads, L, head_dim] on the devices."""
+    cache: per layer (k, v) [rows (bucketed), kv_heads, L, head_dim] on the devices, L the longest
+    cache length the call's pool had when a row finished (>= every valid[i])."""
     cache: list
     tokens: tuple[tuple[int, ...], ...]
     valid: tuple[int, ...]
@@ -627,7 +639,7 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
     lens_h, t_h = np.zeros(s_n, np.int64), np.zeros(s_n, np.int64)
     pending = collections.deque(order)
     stats = SamplerStats(calls=1)
-    kept = empty_cache(_batch_bucket(len(order), dp), cap) if keep else None
+    kept = empty_cache(_batch_bucket(len(order), dp), length) if keep else None
     if reused is not None:  # prefill width: the longest part of a source past its kept prefix
         suffix = bucket(max(len(sources[rw.source]) - int(reused[2][rw.source]) for rw in order))
 
@@ -706,6 +718,8 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
         if finished:
             toks, lps = jax.device_get((state["out_tok"], state["out_lp"]))
             if kept is not None:  # before the slots are refilled or the pool resized
+                if kept[0][0].shape[2] < length:
+                    kept = _grow(kept, length=length, mesh=mesh)
                 slots, rows = np.zeros(s_cur, np.int32), np.full(s_cur, kept[0][0].shape[0], np.int32)
                 slots[:len(finished)], rows[:len(finished)] = finished, [slot_row[i].out for i in finished]
                 kept = _keep(kept, cache, rep(slots), rep(rows), mesh=mesh)
