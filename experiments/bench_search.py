@@ -8,10 +8,18 @@ are shaped so it writes short multi-step solutions: a large v-projection bias in
 adds a constant direction to the final hidden state, and the LM head's columns along it act as a
 logit bias (a few tokens allowed, "\\n" favoured, EOS rare), in plain Qwen2 weights.
 
-Figures: problems/s of each engine at each N (beam width --beam-width), ours warm (its programs
-compiled by a first call, whose time is printed too). Agreement: at temperature 0 every copy of a
-beam is the same, scores tie, and both loops break ties by row order, so they must keep the same
-beams and return the same candidates and answers: printed as a count of problems that agree.
+Figures: problems/s of each engine at each N (beam width --beam-width), ours warm (a first call
+compiles, its time is printed too, and an untimed run of the timed seed compiles the PRM's and the
+sampler's programs for its shapes), and ours again (as warm) without the KV reuse
+(reuse_kv=False: every kept beam's prompt and steps prefilled again at each step), with the
+tokens the policy prefilled either way (the sampler's count) and whether both runs agree.
+Agreement, exact: (1) the same candidate steps fed to both selection loops: every row our sampler
+returned in the first (compile) run at each N is recorded by (prefix, random-stream key), and the
+transformers loop replays them instead of calling `generate`; it must then request exactly the
+beams ours expanded (the same prefixes, paths and copy counts), keep the same beams, and return the
+same candidates (paths, texts, finish, scores to 1e-4, its PRM in torch) and the same weighted /
+PRM-argmax / majority answers. (2) temperature 0 (HF greedy `generate` vs our sampler): the
+same candidates and answers, a check of the policy side too.
 
   python experiments/bench_search.py [--problems 4] [--ns 4,16] [--beam-width 4] [--max-steps 4]
 """
@@ -34,7 +42,9 @@ from prm_jax.data.steps import policy_prompt_ids, split_steps
 from prm_jax.models.hf import load_causal_lm, load_prm, save_hf
 from prm_jax.models.prm import Qwen2PRM
 from prm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
-from prm_jax.search import answers
+from prm_jax.grading import Grader
+from prm_jax.sampling import sampler
+from prm_jax.search import answers, policy as search_policy
 from prm_jax.search.run import search
 from prm_jax.toyworld.tokenizer import train_tokenizer
 
@@ -76,8 +86,30 @@ def build(root: str, hidden: int, layers: int):
     return os.path.join(root, "policy"), os.path.join(root, "prm")
 
 
+class Recorder:
+    """Wraps the sampler call of prm_jax.search.policy and records, per (prefix ids, key id), the
+    rows it returned: the candidate steps ours generated, for the transformers loop to replay."""
+
+    def __init__(self):
+        self.rows: dict[tuple, list[list[int]]] = {}
+        self.real = search_policy.generate_from_prefixes
+
+    def __enter__(self):
+        def recording(model, prefixes, n, *a, key_ids, **kw):
+            out = self.real(model, prefixes, n, *a, key_ids=key_ids, **kw)
+            for prefix, key, rows in zip(prefixes, key_ids, out[0] if kw.get("return_cache") else out):
+                self.rows[tuple(prefix), key] = rows
+            return out
+        search_policy.generate_from_prefixes = recording
+        return self
+
+    def __exit__(self, *exc):
+        search_policy.generate_from_prefixes = self.real
+
+
 class TorchBeamSearch:
-    """search-and-learn's beam search on transformers: the rules of prm_jax.search.strategies."""
+    """search-and-learn's beam search on transformers: the rules of prm_jax.search.strategies
+    (kept beams in path order, copies n // k + (b < n % k), ties broken by path)."""
 
     def __init__(self, policy_dir: str, prm_dir: str, max_tokens: int, temperature: float):
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -89,20 +121,27 @@ class TorchBeamSearch:
         self.max_tokens, self.temperature = max_tokens, temperature
         self.policy_tokens = 0
 
-    def expand(self, ids: list[int], copies: int, to_end: bool) -> list[tuple[list[int], str | None]]:
-        kw = dict(do_sample=True, temperature=self.temperature, top_p=1.0, top_k=0) if self.temperature else \
-            dict(do_sample=False)
-        if not to_end:
-            kw.update(stop_strings="\n\n", tokenizer=self.tok)
-        with torch.no_grad():
-            out = self.lm.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                   max_new_tokens=self.max_tokens,
-                                   num_return_sequences=copies if self.temperature else 1,
-                                   eos_token_id=self.tok.eos_token_id, pad_token_id=self.tok.pad_token_id, **kw)
+    def expand(self, ids: list[int], copies: int, to_end: bool,
+               given: list[list[int]] | None = None) -> list[tuple[list[int], str | None]]:
+        """`copies` new segments after ids from HF generate, or the `given` rows (replay)."""
+        if given is not None:
+            assert len(given) == copies, (len(given), copies)
+            new = given
+        else:
+            kw = dict(do_sample=True, temperature=self.temperature, top_p=1.0, top_k=0) if self.temperature else \
+                dict(do_sample=False)
+            if not to_end:
+                kw.update(stop_strings="\n\n", tokenizer=self.tok)
+            with torch.no_grad():
+                out = self.lm.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                       max_new_tokens=self.max_tokens,
+                                       num_return_sequences=copies if self.temperature else 1,
+                                       eos_token_id=self.tok.eos_token_id, pad_token_id=self.tok.pad_token_id, **kw)
+            if not self.temperature:  # greedy: every copy is the same row (HF refuses num_return_sequences > 1)
+                out = out.repeat(copies, 1)
+            new = out[:, len(ids):].tolist()
         rows = []
-        if not self.temperature:  # greedy: every copy is the same row (HF refuses num_return_sequences > 1)
-            out = out.repeat(copies, 1)
-        for row in out[:, len(ids):].tolist():
+        for row in new:
             seg = []
             for t in row:  # finished rows are padded after their stop
                 seg.append(t)
@@ -126,25 +165,47 @@ class TorchBeamSearch:
         with torch.no_grad():
             return self.prm.step_rewards(ids, attention_mask=mask, step_token_id=self.step_id)
 
-    def run(self, problem: str, n: int, m: int, max_steps: int, agg: str) -> list[dict]:
+    def run(self, pid, problem: str, n: int, m: int, max_steps: int, agg: str,
+            replay: dict | None = None, asked: set | None = None) -> list[dict]:
+        """The N best finished candidates; with `replay` (Recorder.rows) the steps are read from it
+        (a beam ours never expanded raises KeyError) and each (prefix, key, copies) goes into `asked`."""
         prompt = policy_prompt_ids(self.tok, problem, DEFAULT_SYSTEM_PROMPT)
-        kept, finished, order = [()], [], 0
+        kept, finished = [((), ())], []  # (tokens, path) of each kept beam
+        key = lambda r: (r["score"] is None, -(r["score"] or 0.0), r["path"])  # noqa: E731
         for it in range(max_steps):
             rows = []
-            for b, toks in enumerate(kept):
-                for seg, fin in self.expand(prompt + list(toks), n // len(kept) + (b < n % len(kept)),
-                                            it == max_steps - 1):
-                    rows.append({"tokens": tuple(toks) + tuple(seg), "finish": fin, "order": order})
-                    order += 1
+            for b, (toks, path) in enumerate(kept):
+                copies = n // len(kept) + (b < n % len(kept))
+                node = (tuple(prompt) + toks, search_policy.node_key(pid, path))
+                if asked is not None:
+                    asked.add((*node, copies))
+                for j, (seg, fin) in enumerate(self.expand(prompt + list(toks), copies, it == max_steps - 1,
+                                                           None if replay is None else replay[node])):
+                    rows.append({"tokens": toks + tuple(seg), "finish": fin, "path": path + (j,)})
             texts = [self.tok.decode(list(r["tokens"]), skip_special_tokens=True) for r in rows]
             for r, t, s in zip(rows, texts, self.scores(problem, texts)):
                 r["text"], r["score"] = t, answers.aggregate(s, agg)
-            key = lambda r: (r["score"] is None, -(r["score"] or 0.0), r["order"])  # noqa: E731
             finished += [r for r in rows if r["finish"]]
-            kept = [r["tokens"] for r in sorted((r for r in rows if not r["finish"]), key=key)[:n // m]]
+            best = sorted((r for r in rows if not r["finish"]), key=key)[:n // m]
+            kept = sorted(((r["tokens"], r["path"]) for r in best), key=lambda b: b[1])
             if len(finished) >= n or not kept:
                 break
         return sorted(finished, key=key)[:n]
+
+
+def same_result(ours: dict, theirs: list[dict], grade) -> bool:
+    """Same candidates (paths, texts, finish, scores to 1e-4) and the same picked answers."""
+    cands = ours["candidates"]
+    if [(tuple(c["path"]), c["text"], c["finish"]) for c in cands] != [(r["path"], r["text"], r["finish"])
+                                                                        for r in theirs]:
+        return False
+    if not all((a is None) == (b is None) and (a is None or abs(a - b) < 1e-4)
+               for a, b in zip([c["score"] for c in cands], [r["score"] for r in theirs])):
+        return False
+    finals = [extract_answer(r["text"]) for r in theirs]
+    picks = answers.pick_answers(finals, [r["score"] for r in theirs], grade(finals, [ours["answer"]] * len(finals)),
+                                 grade)
+    return finals == [c["final_answer"] for c in cands] and all(picks[k] == ours["answers"][k] for k in picks)
 
 
 def main() -> None:
@@ -173,43 +234,70 @@ def main() -> None:
     common = dict(tokenizer=tok, prm_tokenizer=tok, strategy="beam", beam_width=args.beam_width, agg="last",
                   max_steps=args.max_steps, max_tokens=args.max_tokens, grade_workers=0, batch_size=args.problems)
 
-    # Agreement at temperature 0 (ties broken by row order on both sides).
-    n0 = max(int(x) for x in args.ns.split(","))
+    grade = Grader(workers=0).grade_many
+    ns = [int(x) for x in args.ns.split(",")]
+
+    # (2) Agreement at temperature 0: HF greedy generate and our sampler, then both selection loops.
+    n0 = max(ns)
     ours0 = search(policy, prm, problems, n=n0, temperature=0.0, **common)
     ref.temperature = 0.0
-    agree = 0
-    for p, rec in zip(problems, ours0):
-        theirs = ref.run(p["problem"], n0, args.beam_width, args.max_steps, "last")
-        same = [c["text"] for c in rec["candidates"]] == [r["text"] for r in theirs]
-        same &= [extract_answer(r["text"]) for r in theirs] == [c["final_answer"] for c in rec["candidates"]]
-        same &= all((a is None and b is None) or (a is not None and b is not None and abs(a - b) < 1e-4)
-                    for a, b in zip([c["score"] for c in rec["candidates"]], [r["score"] for r in theirs]))
-        agree += same
-        if not same and agree == 0:
-            print("  first disagreement:", [(c["text"], c["score"]) for c in rec["candidates"][:2]],
-                  [(r["text"], r["score"]) for r in theirs[:2]])
-    print("  e.g.", [c["text"] for c in ours0[0]["candidates"][:2]])
+    agree = sum(same_result(rec, ref.run(p["id"], p["problem"], n0, args.beam_width, args.max_steps, "last"), grade)
+                for p, rec in zip(problems, ours0))
     steps = np.mean([len(c["steps"]) for r in ours0 for c in r["candidates"]])
-    print(f"agreement at temperature 0, n={n0}: {agree}/{len(problems)} problems keep the same beams and answers "
-          f"(mean {steps:.1f} steps per candidate)")
+    print(f"agreement at temperature 0, n={n0}: {agree}/{len(problems)} problems return the same candidates and "
+          f"answers (mean {steps:.1f} steps per candidate)")
 
     ref.temperature = args.temperature
-    for n in (int(x) for x in args.ns.split(",")):
+    for n in ns:
+        # (1) the first call (it compiles) records its steps; the transformers loop replays them
         t0 = time.perf_counter()
-        search(policy, prm, problems, n=n, temperature=args.temperature, seed=1, **common)
+        with Recorder() as rec:
+            ours1 = search(policy, prm, problems, n=n, temperature=args.temperature, seed=1, **common)
         first = time.perf_counter() - t0
+        agree, same_beams, asked = 0, 0, set()
+        for p, mine in zip(problems, ours1):
+            want = {(prefix, key, len(rows)) for (prefix, key), rows in rec.rows.items()
+                    if prefix[:len(policy_prompt_ids(tok, p["problem"], DEFAULT_SYSTEM_PROMPT))]
+                    == tuple(policy_prompt_ids(tok, p["problem"], DEFAULT_SYSTEM_PROMPT))}
+            got: set = set()
+            try:
+                agree += same_result(mine, ref.run(p["id"], p["problem"], n, args.beam_width, args.max_steps, "last",
+                                                   replay=rec.rows, asked=got), grade)
+            except KeyError:  # it asked for a beam ours never expanded
+                pass
+            same_beams += got == want
+            asked |= got
+        depth = np.mean([len(c["path"]) for r in ours1 for c in r["candidates"]])
+        print(f"n={n:>3} agreement on the same candidate steps (temperature {args.temperature}): {same_beams}/"
+              f"{len(problems)} problems expand the same beams ({len(asked)} expansions), {agree}/{len(problems)} "
+              f"return the same candidates and answers (mean {depth:.1f} steps per candidate)")
+
+        for reuse in (True, False):  # the timed runs' programs (the sampler's and the PRM's shapes) compile here
+            search(policy, prm, problems, n=n, temperature=args.temperature, seed=2, reuse_kv=reuse, **common)
+        c0 = sampler.compile_count()
+        p0 = sampler.total_stats().prefill_tokens
         t0 = time.perf_counter()
         recs = search(policy, prm, problems, n=n, temperature=args.temperature, seed=2, **common)
         ours = time.perf_counter() - t0
+        p1 = sampler.total_stats().prefill_tokens
+        t0 = time.perf_counter()
+        whole = search(policy, prm, problems, n=n, temperature=args.temperature, seed=2, reuse_kv=False, **common)
+        no_reuse = time.perf_counter() - t0
+        p2 = sampler.total_stats().prefill_tokens
+        compiled = sampler.compile_count() - c0
+        same = sum({**a, "budget": None} == {**b, "budget": None} for a, b in zip(recs, whole))
         t0 = time.perf_counter()
         for p in problems:
-            ref.run(p["problem"], n, args.beam_width, args.max_steps, "last")
+            ref.run(p["id"], p["problem"], n, args.beam_width, args.max_steps, "last")
         theirs = time.perf_counter() - t0
         tokens = sum(r["budget"]["policy_tokens"] for r in recs)
         print(f"n={n:>3}: prm_jax {len(problems) / ours:7.3f} problems/s (first call incl. compile {first:.1f}s, "
               f"{tokens} policy tokens), transformers {len(problems) / theirs:7.3f} problems/s; "
               f"ratio {theirs / ours:.1f}x")
-
+        print(f"       KV reuse: {p1 - p0} prefilled tokens vs {p2 - p1} without it "
+              f"({(p2 - p1) / max(p1 - p0, 1):.1f}x "
+              f"fewer), {len(problems) / no_reuse:.3f} problems/s without it; same candidates {same}/{len(problems)}; "
+              f"{compiled} sampler programs compiled in the timed runs")
 
 if __name__ == "__main__":
     main()

@@ -342,3 +342,33 @@ def test_decode_chunk_updates_the_cache_in_place(model, monkeypatch):
     shape = f"f32[8,{CFG.num_kv_heads},"
     copies = [ln for ln in seen["hlo"].splitlines() if f"= {shape}" in ln and " copy(" in ln]
     assert not copies, copies[:2]
+
+
+def test_kept_caches_extend_rows_without_prefilling_them(model, prompts, monkeypatch):
+    """Rows extended from their kept KV caches (return_cache, then reuse=) sample exactly what the
+    same prefixes sampled from scratch do, and only each row's last token is prefilled again."""
+    monkeypatch.setattr(sampler, "_CACHE_QUANTUM", 8)  # the pool's cache (and the kept buffer) grow
+    monkeypatch.setattr(sampler, "CHUNK_STEPS", 4)
+    kw = dict(temperature=1.0, top_p=0.9, seed=5, stop_ids=[3, 17, 40])
+    # a pool of 4 slots for 10 rows: caches are kept as rows finish, across refills and resizes
+    before = len(sampler.compile_log())
+    first, kept = sampler.generate_from_prefixes(model, prompts, 2, 10, return_cache=True, max_batch=4, **kw)
+    assert any(line.startswith("grow") for line in sampler.compile_log()[before:])
+    ext = [p + r for p, rows in zip(prompts, first) for r in rows]
+    assert kept.tokens == tuple(map(tuple, ext)) and kept.valid == tuple(len(x) - 1 for x in ext)
+    # extended rows, a shorter prefix of one (it reads part of its cache), and a new prompt (prefilled whole)
+    cut = len(prompts[1]) + 2
+    assert cut < len(ext[2]) and len(set(map(tuple, ext))) == len(ext)
+    asks = ext + [ext[2][:cut], [5, 6, 7]]
+    ref, ref_lp = sampler.generate_from_prefixes(model, asks, 2, 10, return_logprobs=True, **kw)
+    assert sampler.last_stats().prefill_tokens == sum(map(len, ext)) + 3  # ext[2][:cut] shares ext[2]'s prefill
+    got, got_lp, again = sampler.generate_from_prefixes(model, asks, 2, 10, return_logprobs=True, reuse=kept,
+                                                        return_cache=True, **kw)
+    assert got == ref
+    np.testing.assert_allclose(np.concatenate([x for g in got_lp for x in g]),
+                               np.concatenate([x for g in ref_lp for x in g]), atol=1e-5)
+    # one token per extended row, ext[2] from position cut - 1 (for its short reader), the new prompt whole
+    assert sampler.last_stats().prefill_tokens == len(ext) - 1 + (len(ext[2]) - cut + 1) + 3
+    assert again.tokens[0] == tuple(ext[0] + got[0][0]) and again.valid[0] == len(ext[0]) + len(got[0][0]) - 1
+    with pytest.raises(ValueError, match="need batching='continuous'"):
+        sampler.generate_from_prefixes(model, asks, 2, 10, reuse=kept, batching="static")

@@ -187,16 +187,51 @@ def test_beam_search_selects_what_brute_force_enumeration_says(policy, toy_token
     assert depth >= 3  # beams survived several selections: the test is not trivial
 
 
-def test_dvts_returns_finished_candidates_only(policy, toy_tokenizer):
-    recs = search(policy, ScriptedPRM(), PROBLEMS, tokenizer=toy_tokenizer, strategy="dvts", n=4, beam_width=2,
-                  max_steps=3, max_tokens=MAX_TOKENS, temperature=1.0, grade_workers=0)
-    for rec in recs:
-        assert 1 <= len(rec["candidates"]) <= 4
-        assert all(c["finish"] in ("eos", "length") for c in rec["candidates"])
-        assert {c["path"][0] for c in rec["candidates"]} <= {0, 1}  # N/M = 2 subtrees
-    # search-and-learn's DVTS would have returned unfinished siblings: some subtree had one
-    assert any(len(c["path"]) < max(len(d["path"]) for d in rec["candidates"]) or c["finish"] == "eos"
-               for rec in recs for c in rec["candidates"])
+def brute_force_dvts(model, tok, prob, n, m, steps, agg):
+    """Each of the N/M subtrees on its own: expand the current node M ways, keep every finished
+    child, move to the best child (score, then path) while it is unfinished."""
+    prompt = policy_prompt_ids(tok, prob["problem"])
+    finished, unfinished_seen = [], 0
+    for s in range(n // m):
+        toks, path = (), (s,)
+        for it in range(steps):
+            outs = sampler.generate(model, [prompt + list(toks)] * m, MAX_TOKENS, temperature=1.0, seed=0,
+                                    stop_ids=[tok.eos_token_id], key_ids=[search_policy.node_key(prob["id"], path)] * m,
+                                    sample_ids=range(m))
+            kids = []
+            for j, out in enumerate(outs):
+                seg, fin = _cut(tok, out, it == steps - 1)
+                text = tok.decode(list(toks) + seg, skip_special_tokens=True)
+                score = answers.aggregate([ScriptedPRM.step(x) for x in split_steps(text)], agg)
+                kids.append({"path": path + (j,), "tokens": tuple(toks) + tuple(seg), "finish": fin, "score": score,
+                             "text": text})
+            finished += [c for c in kids if c["finish"]]
+            unfinished_seen += sum(not c["finish"] for c in kids)
+            best = min(kids, key=lambda c: (c["score"] is None, -(c["score"] or 0), c["path"]))
+            if best["finish"]:
+                break
+            toks, path = best["tokens"], best["path"]
+    key = lambda c: (c["score"] is None, -(c["score"] or 0), c["path"])  # noqa: E731
+    return sorted(finished, key=key)[:n], unfinished_seen
+
+
+def test_dvts_selects_what_brute_force_enumeration_says_and_returns_finished_candidates_only(policy, toy_tokenizer):
+    n, m, steps = 4, 2, 3
+    recs = search(policy, ScriptedPRM(), PROBLEMS, tokenizer=toy_tokenizer, strategy="dvts", n=n, beam_width=m,
+                  max_steps=steps, max_tokens=MAX_TOKENS, temperature=1.0, grade_workers=0)
+    unfinished = 0
+    for prob, rec in zip(PROBLEMS, recs):
+        want, seen = brute_force_dvts(policy, toy_tokenizer, prob, n, m, steps, "last")
+        got = rec["candidates"]
+        unfinished += seen
+        assert [tuple(c["path"]) for c in got] == [c["path"] for c in want]
+        assert [c["text"] for c in got] == [c["text"] for c in want]
+        assert [c["score"] for c in got] == pytest.approx([c["score"] for c in want])
+        assert 1 <= len(got) <= n and all(c["finish"] in ("eos", "length") for c in got)
+        assert {c["path"][0] for c in got} <= set(range(n // m))  # N/M subtrees
+    assert max(len(c["path"]) for rec in recs for c in rec["candidates"]) >= 3  # subtrees went deep
+    # search-and-learn's DVTS would have returned some of these unfinished children (its issue #57)
+    assert unfinished >= 1
 
 
 def test_policy_token_budget_equals_what_the_sampler_returned(policy, toy_tokenizer, monkeypatch):
@@ -205,13 +240,30 @@ def test_policy_token_budget_equals_what_the_sampler_returned(policy, toy_tokeni
 
     def counting(*a, **kw):
         out = real(*a, **kw)
-        returned.append(sum(len(ids) for rows in out for ids in rows))
+        returned.append(sum(len(ids) for rows in (out[0] if kw.get("return_cache") else out) for ids in rows))
         return out
 
     monkeypatch.setattr(search_policy, "generate_from_prefixes", counting)
-    recs = search(policy, ScriptedPRM(), PROBLEMS, tokenizer=toy_tokenizer, strategy="beam", n=4, beam_width=2,
-                  max_steps=3, lookahead=1, max_tokens=MAX_TOKENS, temperature=1.0, grade_workers=0)
+    kw = dict(tokenizer=toy_tokenizer, strategy="beam", n=4, beam_width=2, max_steps=3, lookahead=1,
+              max_tokens=MAX_TOKENS, temperature=1.0, grade_workers=0)
+    prefilled = sampler.total_stats().prefill_tokens
+    recs = search(policy, ScriptedPRM(), PROBLEMS, **kw)
     assert sum(r["budget"]["policy_tokens"] for r in recs) == sum(returned) > 0
+    reused = sampler.total_stats().prefill_tokens - prefilled
+    assert sum(r["budget"]["prefill_tokens"] for r in recs) == reused
+    # without the kept KV caches: the same candidates, every prefix prefilled whole at every step
+    prefilled = sampler.total_stats().prefill_tokens
+    whole = search(policy, ScriptedPRM(), PROBLEMS, reuse_kv=False, **kw)
+    full = sampler.total_stats().prefill_tokens - prefilled
+    assert sum(r["budget"]["prefill_tokens"] for r in whole) == full
+    for prob, a, b in zip(PROBLEMS, recs, whole):
+        assert {**a, "budget": None} == {**b, "budget": None}
+        assert a["budget"]["policy_tokens"] == b["budget"]["policy_tokens"]
+        # with reuse: the prompt once, then one token per request (at most n per expansion or
+        # lookahead call, two calls per iteration), instead of its whole prefix
+        prompt, iters = len(policy_prompt_ids(toy_tokenizer, prob["problem"])), a["budget"]["iterations"]
+        assert prompt < a["budget"]["prefill_tokens"] <= prompt + 2 * iters * 4
+        assert b["budget"]["prefill_tokens"] > 5 * a["budget"]["prefill_tokens"]
 
 
 # -- resume after kill -9, and the CLI ----------------------------------------------------------------

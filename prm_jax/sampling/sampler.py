@@ -6,7 +6,9 @@ Public API
   stop_ids=None, mesh=None, return_logprobs=False)` -> new token ids per prompt.
 - `generate_from_prefixes(model, prefixes, n, max_new_tokens, ...)` -> n continuations per prefix,
   each prefix prefilled once (and a prefix that is a prefix of another one in the same call is
-  not prefilled at all: it reuses the longer one's cache rows).
+  not prefilled at all: it reuses the longer one's cache rows); with return_cache=True also the
+  rows' final KV caches (`KVRows`), which a later call extends with reuse=... instead of
+  prefilling those rows' tokens again (search's candidates, step after step).
 - `compile_count()` / `compile_log()`: how many programs the sampler has compiled in this process.
 - `last_stats()` / `total_stats()`: decode utilisation and step times (`SamplerStats`).
 
@@ -232,15 +234,71 @@ def _admit_impl(graphdef, params, cache, state, ids, row_src, row_len, slots, ke
     src = _constrain(model.init_cache(u, t), st.mesh)
     hidden, src = model.forward_cached(ids, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (u, t)), src)
     logits = model.logits(hidden[row_src, row_len - 1])
-    cache = [(ck.at[slots, :, :t].set(k[row_src], mode="drop"), cv.at[slots, :, :t].set(v[row_src], mode="drop"))
-             for (ck, cv), (k, v) in zip(cache, src)]
+    return _place(cache, state, src, t, logits, row_src, row_len, slots, key_ids, sample_ids, st.mesh)
+
+
+def _place(cache, state, src, t, logits, row_src, row_len, slots, key_ids, sample_ids, mesh):
+    """Slot slots[i] gets source row_src[i]'s cache positions [0, t) and a fresh state."""
+    cache = [(ck.at[slots, :, :t].set(k[row_src, :, :t], mode="drop"),
+              cv.at[slots, :, :t].set(v[row_src, :, :t], mode="drop")) for (ck, cv), (k, v) in zip(cache, src)]
     fresh = dict(logits=logits, lens=row_len, t=jnp.zeros_like(row_len), done=jnp.zeros(row_len.shape, bool),
                  key_ids=key_ids, sample_ids=sample_ids, matched=jnp.zeros_like(row_len))
     state = {name: (a.at[slots].set(fresh[name], mode="drop") if name in fresh else a) for name, a in state.items()}
-    return _constrain(cache, st.mesh), state
+    return _constrain(cache, mesh), state
 
 
 _admit = jax.jit(_admit_impl, static_argnames=("graphdef", "st"), donate_argnames=("cache", "state"))
+
+
+def _admit_cached_impl(graphdef, params, cache, state, kept, ids, starts, kept_rows, row_src, row_len, slots,
+                       key_ids, sample_ids, *, st: _Static):
+    """_admit for sources whose first starts[u] positions are in rows kept_rows[u] of a KVRows cache
+    `kept`: only their suffixes ids [U, T'] (source[starts[u]:], right-padded) are prefilled, at
+    positions starts[u].., over a copy of the kept row. st.cache_len = T, the call's prompt bucket:
+    the slots get positions [0, T) as in _admit. (A source with starts[u] = 0 is prefilled whole;
+    the kept row copied under it is masked, then overwritten.)"""
+    t_len, (u, t) = st.cache_len, ids.shape
+    _note_compile("admit_cached", f"sources={u} suffix={t} len={t_len} rows={row_src.shape[0]} "
+                                  f"slots={state['lens'].shape[0]} cache={cache[0][0].shape[2]} "
+                                  f"kept={kept[0][0].shape[0]}x{kept[0][0].shape[2]}")
+    model = nnx.merge(graphdef, params)
+    width = t_len + t  # room for every suffix: starts[u] < t_len (dynamic_update_slice would clamp)
+
+    def prefix(a):
+        a = a[kept_rows][:, :, :width]
+        return jnp.pad(a, ((0, 0), (0, 0), (0, width - a.shape[2]), (0, 0))) if a.shape[2] < width else a
+    src = _constrain([(prefix(k), prefix(v)) for k, v in kept], st.mesh)
+    hidden, src = model.forward_cached(ids, starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :], src)
+    logits = model.logits(hidden[row_src, row_len - 1 - starts[row_src]])
+    return _place(cache, state, src, t_len, logits, row_src, row_len, slots, key_ids, sample_ids, st.mesh)
+
+
+_admit_cached = jax.jit(_admit_cached_impl, static_argnames=("graphdef", "st"), donate_argnames=("cache", "state"))
+
+
+def _keep_impl(out, cache, slots, rows, *, mesh: Mesh | None):
+    """Copy pool slots `slots` (cache positions [0, L)) into rows `rows` of a call's KVRows buffer
+    `out` (length >= L: see _grow); rows[i] out of range drops the copy (padding)."""
+    _note_compile("keep", f"slots={cache[0][0].shape[0]} cache={cache[0][0].shape[2]} "
+                          f"rows={out[0][0].shape[0]}x{out[0][0].shape[2]}")
+    length = cache[0][0].shape[2]
+    return _constrain([(ok.at[rows, :, :length].set(ck[slots], mode="drop"),
+                        ov.at[rows, :, :length].set(cv[slots], mode="drop")) for (ok, ov), (ck, cv) in zip(out, cache)],
+                      mesh)
+
+
+_keep = jax.jit(_keep_impl, static_argnames=("mesh",), donate_argnames=("out",))
+
+
+def _grow_impl(out, *, length: int, mesh: Mesh | None):
+    """The KVRows buffer zero-extended to `length` positions: it follows the longest pool it copies
+    from, not prompt + max_new_tokens (a search's steps are far shorter than its token limit)."""
+    _note_compile("grow", f"rows={out[0][0].shape[0]} cache={out[0][0].shape[2]}->{length}")
+    pad = ((0, 0), (0, 0), (0, length - out[0][0].shape[2]), (0, 0))
+    return _constrain([(jnp.pad(k, pad), jnp.pad(v, pad)) for k, v in out], mesh)
+
+
+_grow = jax.jit(_grow_impl, static_argnames=("length", "mesh"))  # a new shape: nothing to donate to
 
 
 def _chunk_impl(graphdef, params, cache, state, base_key, max_new, temperature, top_p, stop_ids, stop_table,
@@ -322,6 +380,35 @@ class _Row:
     length: int  # prompt length (<= the source's length)
     key_id: int
     sample_id: int
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KVRows:
+    """The KV caches that a call's rows ended with (generate_from_prefixes(return_cache=True)), so
+    that a later call can extend those rows (reuse=...) without prefilling them again: a search
+    keeps its candidates' caches from one step to the next. Row i is the call's flat output row i
+    (sample j of prefix p is row counts[0] + ... + counts[p-1] + j); tokens[i] = its prefix + its
+    new ids; valid[i] = how many leading positions of it the cache holds exactly: all but the last
+    new token's (a finished row's last token is fed only while another row of its pool is live).
+    cache: per layer (k, v) [rows (bucketed), kv_heads, L, head_dim] on the devices, L the longest
+    cache length the call's pool had when a row finished (>= every valid[i])."""
+    cache: list
+    tokens: tuple[tuple[int, ...], ...]
+    valid: tuple[int, ...]
+    _index: dict = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self):
+        index: dict = {}
+        for i, seq in enumerate(self.tokens):
+            index.setdefault(seq, i)
+        object.__setattr__(self, "_index", index)
+
+    def reusable(self, seq: Sequence[int]) -> tuple[int, int]:
+        """(row, k): a row whose tokens are exactly `seq` and the k leading positions of seq whose
+        KV it holds (at most len(seq) - 1: the last token is fed again for its logits); k = 0
+        (row 0) when no row has these tokens."""
+        row = self._index.get(tuple(seq))
+        return (0, 0) if row is None else (row, min(self.valid[row], len(seq) - 1))
 
 
 def _check_tokens(seqs: Sequence[Sequence[int]], what: str, vocab: int) -> list[list[int]]:
@@ -415,20 +502,46 @@ def _setup(model, max_new_tokens: int, strategy: Strategy, temperature: float, t
 def _run(model, sources: list[list[int]], rows: list[_Row], max_new_tokens: int, strategy: Strategy,
          temperature: float, top_p: float, seed: int, stop_ids, mesh, return_logprobs: bool,
          max_batch: int, stop_table: np.ndarray | None = None, batching: str = "continuous",
-         ) -> tuple[list[list[int]], list[list[float]]]:
-    """Sample every row: continuous batching (slots refilled as rows finish) or static batches."""
+         reuse: KVRows | None = None, keep: bool = False,
+         ) -> tuple[list[list[int]], list[list[float]], KVRows | None]:
+    """Sample every row: continuous batching (slots refilled as rows finish) or static batches.
+    reuse: kept caches to prefill sources from; keep: also return the rows' caches (KVRows)."""
     if batching not in ("continuous", "static"):
         raise ValueError(f"batching must be 'continuous' or 'static', got {batching!r}")
+    if batching == "static" and (reuse is not None or keep):
+        raise ValueError("reuse / return_cache need batching='continuous'")
     call = _setup(model, max_new_tokens, strategy, temperature, top_p, seed, stop_ids, mesh, return_logprobs,
                   max_batch, stop_table)
     order = sorted(rows, key=lambda rw: (-len(sources[rw.source]), rw.source, rw.out))
     results: list[Any] = [None] * len(rows)
-    stats = (_run_continuous if batching == "continuous" else _run_static)(
-        model.cfg, call, sources, order, max_new_tokens, max_batch, results)
+    if batching == "static":
+        stats, kept = _run_static(model.cfg, call, sources, order, max_new_tokens, max_batch, results), None
+    else:
+        stats, kept = _run_continuous(model.cfg, call, sources, order, max_new_tokens, max_batch, results,
+                                      _reused_prefixes(sources, order, reuse), keep)
     global _LAST
     _LAST = stats
     _TOTAL[0] = _TOTAL[0] + stats
-    return [x[0] for x in results], [x[1] for x in results]
+    if kept is not None:
+        kept = KVRows(kept, tuple(tuple(sources[rw.source][:rw.length]) + tuple(results[rw.out][0]) for rw in rows),
+                      tuple(rw.length + len(results[rw.out][0]) - 1 for rw in rows))
+    return [x[0] for x in results], [x[1] for x in results], kept
+
+
+def _reused_prefixes(sources, order: list[_Row], reuse: KVRows | None):
+    """(reuse, kept row per source, reused length per source), or None when no source has a kept
+    row. A source's reused length stays below each of its rows' prompt lengths (a row may read a
+    shorter prefix of its source), so every row's last prompt token is prefilled for its logits."""
+    if reuse is None:
+        return None
+    shortest = {}
+    for rw in order:
+        shortest[rw.source] = min(shortest.get(rw.source, rw.length), rw.length)
+    rows, starts = np.zeros(len(sources), np.int32), np.zeros(len(sources), np.int32)
+    for s in shortest:
+        row, k = reuse.reusable(sources[s])
+        rows[s], starts[s] = row, min(k, shortest[s] - 1)
+    return (reuse, rows, starts) if starts.any() else None
 
 
 def _run_static(cfg, call: _Call, sources, order: list[_Row], max_new_tokens: int, max_batch: int,
@@ -458,6 +571,7 @@ def _run_static(cfg, call: _Call, sources, order: list[_Row], max_new_tokens: in
             row_src[i], lens[i], key_ids[i], sample_ids[i], done[i] = (
                 src_pos[rw.source], rw.length, rw.key_id, rw.sample_id, False)
         st = _Static(cache_len=t + new_len, mesh=call.mesh)
+        stats = stats + SamplerStats(prefill_tokens=sum(len(sources[s]) for s in src_ids))
         cache, logits0 = _prefill(call.graphdef, call.params, put(ids), put(row_src), put(lens), st=st)
         st = dataclasses.replace(st, strategy=call.strategy, new_len=new_len, logprobs=call.logprobs,
                                  stop_string=call.stop_string)
@@ -485,12 +599,14 @@ _CACHE_QUANTUM = 128  # cache lengths are bucket(n, 128): 128, 192, 256, 384, 51
 
 
 def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens: int, max_batch: int,
-                    results: list) -> "SamplerStats":
+                    results: list, reused=None, keep: bool = False) -> tuple["SamplerStats", list | None]:
     """A pool of S = bucket(min(max_batch, rows)) slots. Requests are admitted in source order
     (one prefill per distinct source in an admission group); the pool decodes in chunks of up to
     CHUNK_STEPS steps, and between chunks finished rows are collected, free slots refilled (once a
     quarter of the pool is free), the pool halved once no request is pending and half of it is
-    idle, and the cache length moved to the bucket of what the live rows will fill next."""
+    idle, and the cache length moved to the bucket of what the live rows will fill next.
+    reused (from _reused_prefixes): prefill only each source's positions past its kept prefix.
+    keep: copy each row's cache into a buffer as it finishes, returned (else None) for KVRows."""
     put, rep, new_len, dp = call.put, call.rep, call.new_len, call.dp
     s_n = _batch_bucket(min(max_batch, len(order)), dp)
     refill = min(s_n, _batch_bucket(max(1, s_n // 4), dp))
@@ -505,15 +621,17 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
     def length_for(pos: int) -> int:  # cache length for live rows whose next position is < pos
         return min(cap, bucket(pos + CHUNK_STEPS, _CACHE_QUANTUM))
 
-    def empty_pool(n: int, length: int):
+    def empty_cache(n: int, length: int):
         shape = (n, cfg.num_kv_heads, length, cfg.head_size)
         sh = _cache_sharding(mesh, shape)
-        zeros = lambda: jnp.zeros(shape, jnp.dtype(cfg.dtype), device=sh)  # noqa: E731
+        return [tuple(jnp.zeros(shape, jnp.dtype(cfg.dtype), device=sh) for _ in "kv") for _ in range(cfg.num_layers)]
+
+    def empty_pool(n: int, length: int):
         host = dict(logits=np.zeros((n, vocab), np.float32), lens=np.ones(n, np.int32), t=np.zeros(n, np.int32),
                     done=np.ones(n, bool), key_ids=np.zeros(n, np.int32), sample_ids=np.zeros(n, np.int32),
                     matched=np.zeros(n, np.int32), out_tok=np.full((n, new_len), -1, np.int32),
                     out_lp=np.zeros((n, new_len), np.float32))
-        return [(zeros(), zeros()) for _ in range(cfg.num_layers)], {k: put(host[k]) for k in _STATE_KEYS}
+        return empty_cache(n, length), {k: put(host[k]) for k in _STATE_KEYS}
 
     length = length_for(t_len)
     cache, state = empty_pool(s_n, length)
@@ -521,22 +639,34 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
     lens_h, t_h = np.zeros(s_n, np.int64), np.zeros(s_n, np.int64)
     pending = collections.deque(order)
     stats = SamplerStats(calls=1)
+    kept = empty_cache(_batch_bucket(len(order), dp), length) if keep else None
+    if reused is not None:  # prefill width: the longest part of a source past its kept prefix
+        suffix = bucket(max(len(sources[rw.source]) - int(reused[2][rw.source]) for rw in order))
 
     def admit(group: list[_Row], slots: list[int], r: int, u: int):
-        nonlocal cache, state
+        nonlocal cache, state, stats
         src_ids = list(dict.fromkeys(rw.source for rw in group))
         src_pos = {s: i for i, s in enumerate(src_ids)}
-        ids = np.zeros((u, t_len), np.int32)
+        starts = np.zeros(u, np.int32) if reused is None else reused[2][src_ids + [0] * (u - len(src_ids))]
+        starts[len(src_ids):] = 0
+        ids = np.zeros((u, t_len if reused is None else suffix), np.int32)
         for i, s in enumerate(src_ids):
-            ids[i, :len(sources[s])] = sources[s]
+            ids[i, :len(sources[s]) - starts[i]] = sources[s][starts[i]:]
+        stats = stats + SamplerStats(prefill_tokens=sum(len(sources[s]) for s in src_ids) - int(starts.sum()))
         row_src, row_len = np.zeros(r, np.int32), np.ones(r, np.int32)
         slot_idx, key_ids, sample_ids = np.full(r, len(slot_row), np.int32), np.zeros(r, np.int32), np.zeros(r, np.int32)
         for i, (rw, sl) in enumerate(zip(group, slots)):
             row_src[i], row_len[i], slot_idx[i], key_ids[i], sample_ids[i] = (
                 src_pos[rw.source], rw.length, sl, rw.key_id, rw.sample_id)
             slot_row[sl], lens_h[sl], t_h[sl] = rw, rw.length, 0
-        cache, state = _admit(call.graphdef, call.params, cache, state, put(ids), rep(row_src), rep(row_len),
-                              rep(slot_idx), rep(key_ids), rep(sample_ids), st=st)
+        if reused is None:
+            cache, state = _admit(call.graphdef, call.params, cache, state, put(ids), rep(row_src), rep(row_len),
+                                  rep(slot_idx), rep(key_ids), rep(sample_ids), st=st)
+        else:
+            rows = reused[1][src_ids + [0] * (u - len(src_ids))]
+            cache, state = _admit_cached(call.graphdef, call.params, cache, state, reused[0].cache, put(ids),
+                                         put(starts), put(rows), rep(row_src), rep(row_len), rep(slot_idx),
+                                         rep(key_ids), rep(sample_ids), st=dataclasses.replace(st, cache_len=t_len))
 
     def resize(idx: list[int], new_length: int):
         nonlocal cache, state, slot_row, lens_h, t_h, length
@@ -584,29 +714,36 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
         done, t_now, ran = jax.device_get((state["done"], state["t"], ran))
         seconds = time.perf_counter() - t0
         finished = [i for i in live if done[i]]
-        kept = 0
+        n_kept = 0
         if finished:
             toks, lps = jax.device_get((state["out_tok"], state["out_lp"]))
+            if kept is not None:  # before the slots are refilled or the pool resized
+                if kept[0][0].shape[2] < length:
+                    kept = _grow(kept, length=length, mesh=mesh)
+                slots, rows = np.zeros(s_cur, np.int32), np.full(s_cur, kept[0][0].shape[0], np.int32)
+                slots[:len(finished)], rows[:len(finished)] = finished, [slot_row[i].out for i in finished]
+                kept = _keep(kept, cache, rep(slots), rep(rows), mesh=mesh)
             for i in finished:
                 n = int(t_now[i])
                 if results[slot_row[i].out] is not None:
                     raise RuntimeError(f"sampler: request {slot_row[i].out} answered twice")
                 results[slot_row[i].out] = (toks[i, :n].tolist(), lps[i, :n].tolist())
                 slot_row[i] = None
-                kept += n
+                n_kept += n
         t_h = np.asarray(t_now, np.int64)
-        stats = stats + _step_stats(cfg, s_cur, length, int(ran), kept, seconds)
+        stats = stats + _step_stats(cfg, s_cur, length, int(ran), n_kept, seconds)
     lost = [rw.out for rw in order if results[rw.out] is None]
     if lost:
         raise RuntimeError(f"sampler: requests {lost[:5]} never answered")
-    return stats
+    return stats, kept
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerStats:
     """Decode work of sampler calls. slot_steps: token slots computed (rows in the program x decode
     steps); kept_tokens: tokens returned; flops / bytes: the model's matmul work and the bytes of
-    weights and KV cache it reads over those steps (`step_cost`); decode_s: their wall time."""
+    weights and KV cache it reads over those steps (`step_cost`); decode_s: their wall time;
+    prefill_tokens: the distinct prompt tokens prefilled (unpadded; see KVRows for reused ones)."""
     calls: int = 0
     decode_steps: int = 0
     slot_steps: int = 0
@@ -614,6 +751,7 @@ class SamplerStats:
     decode_s: float = 0.0
     flops: float = 0.0
     bytes: float = 0.0
+    prefill_tokens: int = 0  # prompt tokens run through the model (a kept cache's positions are not)
 
     def __add__(self, other: "SamplerStats") -> "SamplerStats":
         return SamplerStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
@@ -688,8 +826,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     key_ids = _check_ids(key_ids, len(prompts), "key_ids", range(len(prompts)))
     sample_ids = _check_ids(sample_ids, len(prompts), "sample_ids", [0] * len(prompts))
     rows = [_Row(i, i, len(p), key_ids[i], sample_ids[i]) for i, p in enumerate(prompts)]
-    toks, lps = _run(model, prompts, rows, max_new_tokens, _strategy(temperature, top_p, top_k, model.cfg.vocab_size),
-                     temperature, top_p, seed, stop_ids, mesh, return_logprobs, max_batch, batching=batching)
+    toks, lps, _ = _run(model, prompts, rows, max_new_tokens,
+                        _strategy(temperature, top_p, top_k, model.cfg.vocab_size), temperature, top_p, seed,
+                        stop_ids, mesh, return_logprobs, max_batch, batching=batching)
     return (toks, lps) if return_logprobs else toks
 
 
@@ -747,7 +886,7 @@ def generate_from_prefixes(model, prefixes: Sequence[Sequence[int]], n: int | Se
                            stop_ids: Sequence[int] | None = None, mesh: Mesh | None = None,
                            return_logprobs: bool = False, *, key_ids: Sequence[int] | None = None,
                            max_batch: int = DEFAULT_MAX_BATCH, stop_table: np.ndarray | None = None,
-                           batching: str = "continuous"):
+                           batching: str = "continuous", reuse: KVRows | None = None, return_cache: bool = False):
     """n continuations of every prefix, prefilling each distinct prefix once (a prefix contained in
     a longer one of the same call — e.g. problem + steps[:i] inside problem + steps[:i+1] — is not
     prefilled at all). Returns a list (per prefix) of n token lists (or (ids, logprobs) likewise).
@@ -755,6 +894,12 @@ def generate_from_prefixes(model, prefixes: Sequence[Sequence[int]], n: int | Se
     generate() returns for that prompt with those ids. `n` may also be a list, one count per prefix
     (search expands its kept beams unevenly). stop_table (from stop_string_table): a row also ends
     once its new tokens' text contains that stop string, which may span tokens ("\\n" + "\\n").
+    return_cache: also return the rows' KV caches (a KVRows, last in the returned tuple); reuse (a
+    KVRows from an earlier call with the same model): a prefix equal to one of its rows' tokens
+    (prefix + new ids) is not prefilled but read from that row's cache, all but its last token,
+    which is fed again for its logits: extending a row costs one token, not its whole prefix. The
+    keys are unchanged, so the tokens are those of a call without reuse, up to the rounding caveat
+    of the module docstring (the kept keys/values were computed in decode steps, not one prefill).
     Other arguments as in generate()."""
     prefixes = _check_tokens(prefixes, "prefixes", model.cfg.vocab_size)
     counts = [n] * len(prefixes) if isinstance(n, int) else [int(c) for c in n]
@@ -765,7 +910,10 @@ def generate_from_prefixes(model, prefixes: Sequence[Sequence[int]], n: int | Se
     sources, owner = share_sources(prefixes)
     rows = [_Row(starts[i] + j, owner[i], len(p), key_ids[i], j) for i, p in enumerate(prefixes)
             for j in range(counts[i])]
-    toks, lps = _run(model, sources, rows, max_new_tokens, _strategy(temperature, top_p, top_k, model.cfg.vocab_size),
-                     temperature, top_p, seed, stop_ids, mesh, return_logprobs, max_batch, stop_table, batching)
+    toks, lps, kept = _run(model, sources, rows, max_new_tokens,
+                           _strategy(temperature, top_p, top_k, model.cfg.vocab_size), temperature, top_p, seed,
+                           stop_ids, mesh, return_logprobs, max_batch, stop_table, batching, reuse, return_cache)
     group = lambda xs: [xs[starts[i]:starts[i + 1]] for i in range(len(prefixes))]  # noqa: E731
-    return (group(toks), group(lps)) if return_logprobs else group(toks)
+    out = (group(toks), group(lps)) if return_logprobs else (group(toks),)
+    out += (kept,) if return_cache else ()
+    return out if len(out) > 1 else out[0]

@@ -1,6 +1,12 @@
 """Runs the strategies of many problems in lockstep: one sampler call and one PRM call per
 iteration for all of them, so the policy decodes and the PRM scores in large batches.
 
+KV reuse: each expansion keeps its rows' caches (sampler.KVRows) and the next one passes them
+back, so a kept candidate is extended from its cache: its prompt and steps are prefilled once, in
+the call that generated them, never again (only its last generated token is fed once more).
+The lookahead rounds chain the same way, from the children's caches. At most two such caches are
+alive: the expansion's, and the lookahead round's.
+
 The PRM is anything with `score([(problem, steps)]) -> [[step score]]` (prm_jax.evaluation.scoring.
 PRMScorer, the scorer `eval` uses, batched and bucketed; tests pass a scripted one); when it also
 has `encode(problem, steps)` (PRMScorer does), the tokens it reads are counted.
@@ -25,6 +31,7 @@ class Problem:
     strategy: Strategy
     policy_tokens: int = 0
     prm_tokens: int = 0
+    prefill_tokens: int = 0  # prompt + candidate ids the policy prefilled (Stepper.prefill_cost)
 
 
 def prm_tokens(scorer, problem: str, steps: Sequence[str]) -> int:
@@ -41,29 +48,40 @@ def run_problems(problems: Sequence[tuple[Any, str, Sequence[int]]], stepper: St
     """Search every (id, problem text, prompt ids); `on_done(problem)` as each one finishes."""
     states = [Problem(pid, text, tuple(prompt), make_strategy(cfg)) for pid, text, prompt in problems]
     live = list(states)
+    kept = None  # the last expansion's KV caches
     while live:
-        # 1. expand: every live problem's requests in one sampler call (grouped by to_end/greedy)
+        # 1. expand: every live problem's requests in one sampler call (grouped by to_end); only
+        # rows that may go on (not to_end) keep their caches
         asks = [(p, node, copies) for p in live for node, copies in p.strategy.requests()]
         ends = {id(p): p.strategy.to_end for p in live}
         children: dict[int, list[list[Node]]] = {id(p): [] for p in live}
-        for to_end in (False, True):
+        expanded = None
+        for to_end in (True, False):
             group = [a for a in asks if ends[id(a[0])] == to_end]
-            segs = stepper.run([Request(p.prompt + node.tokens, node_key(p.id, node.path), copies)
-                                for p, node, copies in group], to_end=to_end)
+            reqs = [Request(p.prompt + node.tokens, node_key(p.id, node.path), copies) for p, node, copies in group]
+            for (p, _, _), cost in zip(group, stepper.prefill_cost(reqs, kept)):
+                p.prefill_tokens += cost
+            segs, got = stepper.run(reqs, to_end=to_end, reuse=kept, keep=not to_end)
+            if got is not None:
+                expanded = got
             for (p, node, _), rows in zip(group, segs):
                 kids = []
                 for j, seg in enumerate(rows):
                     p.policy_tokens += len(seg.tokens)
                     kids.append(Node(node.tokens + seg.tokens, node.path + (j,), seg.finish))
                 children[id(p)].append(kids)
+        kept = expanded
         # 2. lookahead: greedy steps past each unfinished child, for its score only
         scored_ids = {(id(p), kid.path): list(kid.tokens) for p in live for kids in children[id(p)] for kid in kids}
         open_kids = [(p, kid) for p in live for kids in children[id(p)] for kid in kids if not kid.finished]
-        for _ in range(cfg.lookahead):
+        ahead = kept
+        for r in range(cfg.lookahead):
             if not open_kids:
                 break
-            segs = stepper.run([Request(p.prompt + tuple(scored_ids[id(p), kid.path]), 0, 1) for p, kid in open_kids],
-                               greedy=True)
+            reqs = [Request(p.prompt + tuple(scored_ids[id(p), kid.path]), 0, 1) for p, kid in open_kids]
+            for (p, _), cost in zip(open_kids, stepper.prefill_cost(reqs, ahead)):
+                p.prefill_tokens += cost
+            segs, ahead = stepper.run(reqs, greedy=True, reuse=ahead, keep=r + 1 < cfg.lookahead)
             still = []
             for (p, kid), (seg,) in zip(open_kids, segs):
                 p.policy_tokens += len(seg.tokens)

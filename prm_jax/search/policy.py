@@ -8,8 +8,11 @@ both end a step. A solution's steps are always re-read from its whole decoded te
 
 Candidates keep the policy's own token ids (never re-tokenised text), and all children of one
 kept candidate are sampled in one `generate_from_prefixes` call, which prefills their shared
-prefix once. Row j of node P draws from the stream (seed, key(problem id, P's path), j), so what a
-node's children are does not depend on batching, other problems, or a resume.
+prefix once. A call that asks for it (keep=True) also returns its rows' KV caches
+(sampler.KVRows), and the next call passes them back (reuse=): a kept candidate's prompt and
+steps are then never prefilled again, only its last generated token is fed once more (for its
+logits). Row j of node P draws from the stream (seed, key(problem id, P's path), j), so what a
+node's children are does not depend on batching, other problems, a resume, or the reuse.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from collections.abc import Sequence
 
 from prm_jax.sampling.ids import default_stop_ids, stable_key_id
 from prm_jax.data.steps import STEP_SEPARATOR
-from prm_jax.sampling.sampler import generate_from_prefixes, stop_string_table
+from prm_jax.sampling.sampler import KVRows, generate_from_prefixes, last_stats, stop_string_table
 
 FINISH_EOS, FINISH_LENGTH = "eos", "length"
 
@@ -65,26 +68,46 @@ class Segment:
 class Stepper:
     """Batched one-step (or to-the-end) continuation of many partial solutions."""
 
-    def __init__(self, model, tokenizer, cfg: StepConfig = StepConfig(), mesh=None):
+    def __init__(self, model, tokenizer, cfg: StepConfig = StepConfig(), mesh=None, reuse_kv: bool = True):
         self.model, self.tokenizer, self.cfg, self.mesh = model, tokenizer, cfg, mesh
         self.eos_ids = frozenset(default_stop_ids(tokenizer))
         self.table = delimiter_table(tokenizer, cfg.delimiter, model.cfg.vocab_size)
+        self.reuse_kv = reuse_kv  # False: every call prefills its prefixes whole (for comparisons)
         self.tokens_generated = 0  # every id the sampler returned, lookahead included
+        self.tokens_prefilled = 0  # prompt + candidate ids the sampler ran through the model
 
-    def run(self, requests: Sequence[Request], to_end: bool = False, greedy: bool = False) -> list[list[Segment]]:
+    def prefill_cost(self, requests: Sequence[Request], reuse: KVRows | None) -> list[int]:
+        """Per request, the ids its call prefills for it: its tokens less what `reuse` holds of them,
+        0 for a request with the same tokens as an earlier one of the call (one prefill serves both)."""
+        if not requests or self._room(requests) < 1:
+            return [0] * len(requests)
+        seen, out = set(), []
+        for r in requests:
+            k = reuse.reusable(r.tokens)[1] if reuse is not None and self.reuse_kv else 0
+            out.append(0 if r.tokens in seen else len(r.tokens) - k)
+            seen.add(r.tokens)
+        return out
+
+    def run(self, requests: Sequence[Request], to_end: bool = False, greedy: bool = False,
+            reuse: KVRows | None = None, keep: bool = False) -> tuple[list[list[Segment]], KVRows | None]:
         """`copies` segments per request, each ending at the delimiter, at EOS, or after max_tokens
-        (to_end: no delimiter stop; greedy: temperature 0, as search-and-learn's lookahead steps)."""
+        (to_end: no delimiter stop; greedy: temperature 0, as search-and-learn's lookahead steps),
+        and with keep the rows' KV caches for the next call's `reuse` (None without keep, with
+        reuse_kv=False, or when nothing was sampled)."""
         if not requests:
-            return []
-        # A row must fit the context: the prefix plus max_tokens (its cache holds both).
-        room = min(self.cfg.max_tokens, self.cfg.context - max(len(r.tokens) for r in requests))
+            return [], None
+        room = self._room(requests)
         if room < 1:  # no room for a single token: every copy ends here, unextended
-            return [[Segment((), FINISH_LENGTH)] * r.copies for r in requests]
+            return [[Segment((), FINISH_LENGTH)] * r.copies for r in requests], None
+        keep &= self.reuse_kv
         outs = generate_from_prefixes(self.model, [list(r.tokens) for r in requests], [r.copies for r in requests],
                                       room, temperature=0.0 if greedy else self.cfg.temperature,
                                       top_p=self.cfg.top_p, top_k=self.cfg.top_k, seed=self.cfg.seed,
                                       stop_ids=sorted(self.eos_ids), mesh=self.mesh, key_ids=[r.key for r in requests],
-                                      stop_table=None if to_end else self.table)
+                                      stop_table=None if to_end else self.table,
+                                      reuse=reuse if self.reuse_kv else None, return_cache=keep)
+        outs, kept = outs if keep else (outs, None)
+        self.tokens_prefilled += last_stats().prefill_tokens
         result = []
         for r, rows in zip(requests, outs):
             segs = []
@@ -92,7 +115,12 @@ class Stepper:
                 self.tokens_generated += len(ids)
                 segs.append(Segment(tuple(ids), self._finish(ids, len(r.tokens), to_end)))
             result.append(segs)
-        return result
+        return result, kept
+
+    def _room(self, requests: Sequence[Request]) -> int:
+        """New tokens a call may generate: a row must fit the context, prefix plus max_tokens (its
+        cache holds both)."""
+        return min(self.cfg.max_tokens, self.cfg.context - max(len(r.tokens) for r in requests))
 
     def _finish(self, ids: Sequence[int], prefix_len: int, to_end: bool) -> str | None:
         if ids and ids[-1] in self.eos_ids:

@@ -13,7 +13,10 @@ Record: {"key", "run", "id", "problem", "answer" (gold), "strategy", "n", "beam_
  "candidates": [{"text", "steps", "step_scores", "score", "final_answer", "correct", "finish",
  "tokens", "path"}] (the N best finished, best first), "answers": {"weighted", "prm_argmax",
  "majority": {"index", "answer", "correct"}, "pass": bool}, "budget": {"policy_tokens",
- "prm_tokens", "iterations"}}.
+ "prm_tokens", "prefill_tokens", "iterations"}}. policy_tokens: ids the policy generated (lookahead
+ included); prm_tokens: ids the PRM read; prefill_tokens: prompt and candidate ids the policy
+ prefilled, which the KV reuse (see search.engine) keeps to about one per expanded candidate and
+ step after the prompt.
 """
 from __future__ import annotations
 
@@ -122,7 +125,7 @@ def make_record(p: Problem, rec: dict, cfg: SearchConfig, stepper: Stepper, grad
                         "final_answer": f, "correct": ok, "finish": c.finish, "tokens": len(c.tokens),
                         "path": list(c.path)} for c, t, f, ok in zip(cands, texts, finals, correct)],
         "answers": pick_answers(finals, [c.score for c in cands], correct, grader.grade_many),
-        "budget": {"policy_tokens": p.policy_tokens, "prm_tokens": p.prm_tokens,
+        "budget": {"policy_tokens": p.policy_tokens, "prm_tokens": p.prm_tokens, "prefill_tokens": p.prefill_tokens,
                    "iterations": p.strategy.iteration if cfg.strategy != "best-of-n" else 1},
     }
 
@@ -140,16 +143,18 @@ def summarize(records: Sequence[dict]) -> dict:
                     **{pick: sum(r["answers"][pick]["correct"] for r in rs) / k for pick in PICKS},
                     "pass": sum(r["answers"]["pass"] for r in rs) / k,
                     "policy_tokens": sum(r["budget"]["policy_tokens"] for r in rs) / k,
-                    "prm_tokens": sum(r["budget"]["prm_tokens"] for r in rs) / k}
+                    "prm_tokens": sum(r["budget"]["prm_tokens"] for r in rs) / k,
+                    "prefill_tokens": sum(r["budget"].get("prefill_tokens", 0) for r in rs) / k}
     return out
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"{'run':<52}{'probs':>6}{'wBoN%':>7}{'argmax%':>8}{'maj%':>6}{'pass%':>7}{'pol tok':>9}{'prm tok':>9}"]
+    lines = [f"{'run':<52}{'probs':>6}{'wBoN%':>7}{'argmax%':>8}{'maj%':>6}{'pass%':>7}{'pol tok':>9}{'prm tok':>9}"
+             f"{'prefill':>9}"]
     for run, s in summary.items():
         lines.append(f"{run:<52}{s['problems']:>6}{100 * s['weighted']:>7.1f}{100 * s['prm_argmax']:>8.1f}"
                      f"{100 * s['majority']:>6.1f}{100 * s['pass']:>7.1f}{s['policy_tokens']:>9.0f}"
-                     f"{s['prm_tokens']:>9.0f}")
+                     f"{s['prm_tokens']:>9.0f}{s['prefill_tokens']:>9.0f}")
     return "\n".join(lines)
 
 
@@ -160,13 +165,15 @@ def search(policy, prm, problems, *, out: str | os.PathLike | None = None, strat
            system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, step_token: str | int = DEFAULT_STEP_TOKEN,
            batch_size: int = 8, prm_batch_size: int = 32, prm_max_length: int = 4096, mesh=None,
            dtype: str | None = None, grade_workers: int = 2, grade_timeout: float = 5.0,
-           show_progress: bool = False, plots: bool = True) -> list[dict]:
+           show_progress: bool = False, plots: bool = True, reuse_kv: bool = True) -> list[dict]:
     """Search every problem with `strategy` and return one record per problem (input order; see the
     module docstring). policy: a directory or a Qwen2ForCausalLM (then `tokenizer` too); prm: a
     directory, a Qwen2PRM (then `prm_tokenizer`), a PRMScorer, or any object with
     `score([(problem, steps)]) -> [[float]]`; problems: a file (our records, GSM8K, MATH-500) or a
     list of {"id", "problem", "answer"}. With `out`, records are appended to OUT/search.jsonl as
-    problems finish and problems already there are not searched again."""
+    problems finish and problems already there are not searched again. reuse_kv=False prefills every
+    candidate's prefix again at each step instead of extending its kept KV cache (for comparisons:
+    the keys are the same, so the results are too, up to float rounding of the logits)."""
     if agg not in AGGREGATIONS:
         raise InputError(f"agg {agg!r}: expected one of {', '.join(AGGREGATIONS)}")
     try:
@@ -179,7 +186,7 @@ def search(policy, prm, problems, *, out: str | os.PathLike | None = None, strat
     scorer = _scorer(prm, prm_tokenizer, mesh, dtype, step_token, prm_batch_size, prm_max_length, system_prompt)
     step_cfg = StepConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                           delimiter=delimiter, context=model.cfg.max_position_embeddings)
-    stepper = Stepper(model, tok, step_cfg, mesh)
+    stepper = Stepper(model, tok, step_cfg, mesh, reuse_kv=reuse_kv)
     prompts = {}
     for r in recs:
         prompts[r["id"]] = policy_prompt_ids(tok, r["problem"], system_prompt)
