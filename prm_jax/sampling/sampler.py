@@ -33,7 +33,7 @@ call has fewer rows) decodes in chunks of up to CHUNK_STEPS steps; between chunk
 are collected and pending requests prefilled into the free slots (in source order, one prefill per
 distinct source in each admission group, so prefix sharing holds), and once nothing is pending the
 pool is halved whenever half of it is idle. The cache length follows the filled part in buckets of
-bucket(n, 128) positions, so a step attends over what the live rows use, not prompt +
+size_bucket(n, 128) positions, so a step attends over what the live rows use, not prompt +
 max_new_tokens. A row's key and step keys are the same as in the static path, so both give the same
 tokens for equal logits. `last_stats()` / `total_stats()` report the decode utilisation (kept tokens
 per computed token slot) and ms per step (`SamplerStats.floor_ms_per_step` compares with a floor).
@@ -67,6 +67,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from prm_jax.buckets import batch_bucket, size_bucket
 from prm_jax.parallel.mesh import batch_sharding, batch_ways, logical_spec, state_shardings
 from prm_jax.sampling.select import Strategy, choose
 
@@ -93,22 +94,6 @@ def _note_compile(what: str, detail: str) -> None:
     line = f"{what} #{_COMPILES[what]}: {detail}"
     _COMPILE_LOG.append(line)
     log.info("sampler compile %s", line)
-
-
-def bucket(n: int, minimum: int = 1) -> int:
-    """Smallest size >= max(n, minimum) in {2^k, 3 * 2^(k-1)} (1, 2, 3, 4, 6, 8, 12, 16, 24, ...)."""
-    n = max(n, minimum, 1)
-    p = 1
-    while p < n:
-        if p >= 2 and p // 2 * 3 >= n:
-            return p // 2 * 3
-        p *= 2
-    return p
-
-
-def _batch_bucket(n: int, dp: int) -> int:
-    b = bucket(n, dp)
-    return -(-b // dp) * dp
 
 
 # -- programs ------------------------------------------------------------------------------------
@@ -482,7 +467,7 @@ def _setup(model, max_new_tokens: int, strategy: Strategy, temperature: float, t
     stops = sorted({int(s) for s in (stop_ids or ())})
     if any(not 0 <= s < vocab for s in stops):
         raise ValueError(f"stop_ids must lie in [0, {vocab}), got {stops}")
-    stop_arr = np.full((bucket(len(stops), 8),), -1, np.int32)
+    stop_arr = np.full((size_bucket(len(stops), 8),), -1, np.int32)
     stop_arr[:len(stops)] = stops
     if stop_table is not None and (stop_table.ndim != 2 or stop_table.shape[1] != vocab):
         raise ValueError(f"stop_table must be [len(stop string), vocab={vocab}], got {stop_table.shape}")
@@ -495,7 +480,7 @@ def _setup(model, max_new_tokens: int, strategy: Strategy, temperature: float, t
                ((max_new_tokens, np.int32), (max(temperature, 1e-6), np.float32), (top_p, np.float32))]
     table = np.zeros((1, 1), np.int32) if stop_table is None else np.asarray(stop_table, np.int32)
     return _Call(graphdef, params, mesh, batch_ways(mesh),
-                 bucket(max_new_tokens, 8), strategy, return_logprobs, stop_table is not None, scalars,
+                 size_bucket(max_new_tokens, 8), strategy, return_logprobs, stop_table is not None, scalars,
                  rep(stop_arr), rep(table), rep(jax.random.key(seed)), put, rep)
 
 
@@ -552,13 +537,13 @@ def _run_static(cfg, call: _Call, sources, order: list[_Row], max_new_tokens: in
     chunks = [order[start:start + max_batch] for start in range(0, len(order), max_batch)]
     # Every batch of a call gets the first one's row count and the most sources any batch has, so
     # a call's short last batch reuses its programs: a compile costs more than padded rows.
-    r = _batch_bucket(len(chunks[0]), dp) if chunks else 0
-    u = max((_batch_bucket(len({rw.source for rw in c}), dp) for c in chunks), default=0)
+    r = batch_bucket(len(chunks[0]), dp) if chunks else 0
+    u = max((batch_bucket(len({rw.source for rw in c}), dp) for c in chunks), default=0)
     stats = SamplerStats(calls=1)
     for chunk in chunks:
         src_ids = list(dict.fromkeys(rw.source for rw in chunk))
         src_pos = {s: i for i, s in enumerate(src_ids)}
-        t = bucket(max(len(sources[s]) for s in src_ids), 16)
+        t = size_bucket(max(len(sources[s]) for s in src_ids), 16)
         ids = np.zeros((u, t), np.int32)
         for i, s in enumerate(src_ids):
             ids[i, :len(sources[s])] = sources[s]
@@ -595,12 +580,12 @@ def _run_static(cfg, call: _Call, sources, order: list[_Row], max_new_tokens: in
 
 CHUNK_STEPS = 32  # most decode steps between two visits of the continuous scheduler
 MIN_SLOTS = 4  # the pool is halved as it drains (no requests pending), down to this many slots
-_CACHE_QUANTUM = 128  # cache lengths are bucket(n, 128): 128, 192, 256, 384, 512, 768, ...
+_CACHE_QUANTUM = 128  # cache lengths are size_bucket(n, 128): 128, 192, 256, 384, 512, 768, ...
 
 
 def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens: int, max_batch: int,
                     results: list, reused=None, keep: bool = False) -> tuple["SamplerStats", list | None]:
-    """A pool of S = bucket(min(max_batch, rows)) slots. Requests are admitted in source order
+    """A pool of S = size_bucket(min(max_batch, rows)) slots. Requests are admitted in source order
     (one prefill per distinct source in an admission group); the pool decodes in chunks of up to
     CHUNK_STEPS steps, and between chunks finished rows are collected, free slots refilled (once a
     quarter of the pool is free), the pool halved once no request is pending and half of it is
@@ -608,18 +593,18 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
     reused (from _reused_prefixes): prefill only each source's positions past its kept prefix.
     keep: copy each row's cache into a buffer as it finishes, returned (else None) for KVRows."""
     put, rep, new_len, dp = call.put, call.rep, call.new_len, call.dp
-    s_n = _batch_bucket(min(max_batch, len(order)), dp)
-    refill = min(s_n, _batch_bucket(max(1, s_n // 4), dp))
+    s_n = batch_bucket(min(max_batch, len(order)), dp)
+    refill = min(s_n, batch_bucket(max(1, s_n // 4), dp))
     n_src = len({rw.source for rw in order})
-    u_full, u_refill = _batch_bucket(min(s_n, n_src), dp), _batch_bucket(min(refill, n_src), dp)
-    t_len = bucket(max(len(sources[rw.source]) for rw in order), 16)  # prompt bucket of the call
+    u_full, u_refill = batch_bucket(min(s_n, n_src), dp), batch_bucket(min(refill, n_src), dp)
+    t_len = size_bucket(max(len(sources[rw.source]) for rw in order), 16)  # prompt bucket of the call
     cap = t_len + new_len  # the static path's cache length: no row ever needs more
     mesh, vocab = call.mesh, cfg.vocab_size
     st = _Static(cache_len=0, mesh=mesh, strategy=call.strategy, new_len=new_len, logprobs=call.logprobs,
                  stop_string=call.stop_string)
 
     def length_for(pos: int) -> int:  # cache length for live rows whose next position is < pos
-        return min(cap, bucket(pos + CHUNK_STEPS, _CACHE_QUANTUM))
+        return min(cap, size_bucket(pos + CHUNK_STEPS, _CACHE_QUANTUM))
 
     def empty_cache(n: int, length: int):
         shape = (n, cfg.num_kv_heads, length, cfg.head_size)
@@ -639,9 +624,9 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
     lens_h, t_h = np.zeros(s_n, np.int64), np.zeros(s_n, np.int64)
     pending = collections.deque(order)
     stats = SamplerStats(calls=1)
-    kept = empty_cache(_batch_bucket(len(order), dp), length) if keep else None
+    kept = empty_cache(batch_bucket(len(order), dp), length) if keep else None
     if reused is not None:  # prefill width: the longest part of a source past its kept prefix
-        suffix = bucket(max(len(sources[rw.source]) - int(reused[2][rw.source]) for rw in order))
+        suffix = size_bucket(max(len(sources[rw.source]) - int(reused[2][rw.source]) for rw in order))
 
     def admit(group: list[_Row], slots: list[int], r: int, u: int):
         nonlocal cache, state, stats
