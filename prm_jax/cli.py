@@ -51,7 +51,39 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or os.environ.get("PRM_JAX_DEBUG", "") not in ("", "0"):
             traceback.print_exc()
         print(f"prm-jax {args.command}: error: {error_message(e)}", file=sys.stderr)
-        return 2 if isinstance(e, BAD_INPUT) else 1
+        status = 2 if isinstance(e, BAD_INPUT) else 1
+    except Exception:
+        if not _in_multi_process_run():
+            raise
+        traceback.print_exc()
+        status = 1
+    _leave_multi_process_run(args.command, status)
+    return status
+
+
+def _in_multi_process_run() -> bool:
+    if "jax" not in sys.modules:  # nothing has started JAX, so no multi-process run either
+        return False
+    import jax
+
+    return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def _leave_multi_process_run(command: str, status: int) -> None:
+    """A process of a multi-process run that fails exits at once. Returning would run JAX's exit
+    handler, which waits at a shutdown barrier for the other processes while they wait for this one
+    inside a collective: measured, both hung until killed (> 300 s). Exiting without it, this process
+    is gone in a moment and the others stop with an error when JAX's coordination service misses its
+    heartbeat (100 s by default) instead of hanging."""
+    if not _in_multi_process_run():
+        return
+    import jax
+
+    print(f"prm-jax {command}: process {jax.process_index()} of {jax.process_count()} stops here; the other "
+          f"processes stop when JAX's coordination service misses its heartbeat", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 # Exit status 2: the input was wrong (a missing or unreadable named path included); 1: the run failed.

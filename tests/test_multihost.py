@@ -172,7 +172,7 @@ def runs(tmp_path_factory, toy_tokenizer_dir, toy_tokenizer):
         job.wait(PAIR_TIMEOUT)
         out["resumed_stdout"] = job.output(0)
         _clock(t0, "pair C")
-    return {"sp": sp, "mp": mp, "inputs": {"sample": problems, "rollout": sp["sample"]}, **out}
+    return {"sp": sp, "mp": mp, "inputs": {"sample": problems, "rollout": sp["sample"]}, "train_argv": train, **out}
 
 
 def _stored(run_dir, step):
@@ -319,3 +319,23 @@ def test_harness_fails_on_a_crashed_child_with_its_stderr_and_kills_a_hung_one()
         with pytest.raises(ChildFailed, match="still running after 3s"):
             job.wait(3)
         assert time.monotonic() - t0 < 15 and job.procs[0].poll() is not None  # killed and reaped
+
+
+def test_a_process_that_fails_exits_at_once_instead_of_waiting_for_the_others(runs, tmp_path):
+    """Process 1 fails after joining the run (its --out lies under a regular file) while process 0 trains, i.e. waits
+    for it in a collective. Process 1 must exit at once with its one-line error. Returning normally, its exit went
+    through JAX's shutdown barrier: here its error line was lost, and with process 0 in a collective loop both hung
+    for over 300 s (measured by hand). Process 0 is left to the harness (JAX's heartbeat would stop it in 100 s)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with MultiHost(n=2, devices=4) as job:
+        job.start([runs["train_argv"](str(tmp_path / "ok"))], only=[0])
+        job.start([runs["train_argv"](str(blocker / "out"))], only=[1])
+        t0 = time.monotonic()
+        while job.procs[1].poll() is None and time.monotonic() - t0 < 60:
+            time.sleep(0.1)
+        assert job.procs[1].poll() == 2, job.report()
+        err = job.stderr(1)
+        assert f"prm-jax train: error: {blocker}" in err, err
+        assert "process 1 of 2 stops here" in err and "Traceback" not in err, err
+        assert job.procs[0].poll() is None  # process 0 still waits for process 1 (the harness kills it)
