@@ -346,7 +346,9 @@ class Demo:
     def stage_search(self) -> None:
         """Weighted best-of-N and step-level beam search with the consensus PRM on held-out problems, each
         beside the majority vote over the same N candidates (search-and-learn's setting: a step ends at a
-        blank line, a candidate's score is its last step's)."""
+        blank line). A candidate's score is its lowest step score (agg min), not search-and-learn's last step's:
+        our PRMs train on steps up to the first error only, so a step after a wrong one has no trained score (the
+        demo's beams kept children of a step scored 0.025 whose own step scored 0.998)."""
         s = self.size
         problems = read_jsonl(self.path("data", "heldout_problems.jsonl"))[: s.search_problems]
         if not problems:
@@ -356,7 +358,7 @@ class Demo:
         for strategy in ("best-of-n", "beam"):
             args = ["search", "--policy", self.path("policy", "hf"), "--prm", self.path("prm_consensus", "hf"),
                     "--problems", chosen, "--out", self.path("search"), "--strategy", strategy, "--n", s.search_n,
-                    "--beam-width", s.search_beam_width, "--agg", "last", "--max-steps", 10, "--max-tokens", 64,
+                    "--beam-width", s.search_beam_width, "--agg", "min", "--max-steps", 10, "--max-tokens", 64,
                     "--temperature", 0.7, "--seed", self.seed, "--batch-size", 16, "--prm-batch-size", 64,
                     "--prm-max-length", 256, "--grade-workers", 0]
             self.cli(*args, *(["--no-progress"] if self.quiet else []))

@@ -108,6 +108,17 @@ def test_stop_string_table_by_hand():
     assert t[2].tolist() == [3, 2, 3, 0] and t[1].tolist() == [3, 2, 0, 0] and t[0].tolist() == [0, 1, 0, 0]
 
 
+def test_a_step_that_states_the_final_answer_finishes_its_candidate(policy, toy_tokenizer):
+    def finish(text, **cfg):
+        stepper = search_policy.Stepper(policy, toy_tokenizer, search_policy.StepConfig(context=256, **cfg))
+        return stepper._finish(toy_tokenizer.encode(text, add_special_tokens=False), 10, False)
+
+    answered = "He buys 5 more marbles: 2 + 5 = 7. The answer is \\boxed{7}.\n\n"
+    assert finish(answered) == "answer"  # the delimiter after an answer does not reopen the solution
+    assert finish("He buys 5 more marbles: 2 + 5 = 7\n\n") is None  # an ordinary step goes on
+    assert finish(answered, stop_at_answer=False) is None
+
+
 def test_stop_string_and_uneven_counts_match_an_uncut_generation(policy, toy_tokenizer):
     """Rows stopped by the delimiter equal the same rows generated without it, cut where their text first
     holds it; a per-prefix count list gives the rows the uniform call gives."""

@@ -20,11 +20,12 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 
-from prm_jax.sampling.ids import default_stop_ids, stable_key_id
 from prm_jax.data.steps import STEP_SEPARATOR
+from prm_jax.grading import last_boxed
+from prm_jax.sampling.ids import default_stop_ids, stable_key_id
 from prm_jax.sampling.sampler import KVRows, generate_from_prefixes, last_stats, stop_string_table
 
-FINISH_EOS, FINISH_LENGTH = "eos", "length"
+FINISH_EOS, FINISH_LENGTH, FINISH_ANSWER = "eos", "length", "answer"
 
 
 @functools.lru_cache(maxsize=8)
@@ -49,6 +50,10 @@ class StepConfig:
     seed: int = 0
     delimiter: str = STEP_SEPARATOR
     context: int = 32768  # the policy's max_position_embeddings
+    # A step that states the final answer (`\boxed{...}`) finishes its candidate even when the policy wrote the
+    # delimiter after it instead of EOS: what follows an answer is not part of the solution (seen in the demo's
+    # beams: "... \boxed{1}." then "Start again: ..." and another answer, which became the candidate's).
+    stop_at_answer: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +130,8 @@ class Stepper:
     def _finish(self, ids: Sequence[int], prefix_len: int, to_end: bool) -> str | None:
         if ids and ids[-1] in self.eos_ids:
             return FINISH_EOS
+        if self.cfg.stop_at_answer and last_boxed(self.text(ids)) is not None:
+            return FINISH_ANSWER
         if to_end or self.cfg.delimiter not in self.text(ids):
             return FINISH_LENGTH
         if prefix_len + len(ids) >= self.cfg.context:  # ended at a delimiter, but nothing more fits

@@ -4,9 +4,9 @@ Each strategy says which nodes to expand and how many ways (`requests`), and tak
 children back (`update`); the engine runs the policy and the PRM for many problems at once.
 A node is a partial solution (the policy's ids after the prompt); its path is the list of copy
 indices from the root, which also fixes its children's random stream (see search.policy).
-Children that end at EOS or run out of tokens are *finished* and go to a separate pool; only
-unfinished ones are expanded again, and only finished ones are ever returned (search-and-learn's
-DVTS returns unfinished leaves too: its issue #57).
+Children that end at EOS, state the final answer (`\\boxed{}`: StepConfig.stop_at_answer) or run out
+of tokens are *finished* and go to a separate pool; only unfinished ones are expanded again, and only
+finished ones are ever returned (search-and-learn's DVTS returns unfinished leaves too: its issue #57).
 
 - best-of-n: N complete samples from the prompt.
 - beam (search-and-learn's beam search): N rows per iteration. The kept beams are repeated in
@@ -33,7 +33,7 @@ STRATEGIES = ("best-of-n", "beam", "dvts")
 class Node:
     tokens: tuple[int, ...] = ()  # generated ids after the prompt (lookahead not included)
     path: tuple[int, ...] = ()
-    finish: str | None = None  # None: unfinished; "eos" / "length"
+    finish: str | None = None  # None: unfinished; "eos" / "answer" / "length"
     step_scores: tuple[float, ...] = ()  # PRM scores of its steps (of its lookahead text with lookahead)
     score: float | None = None  # aggregated step_scores
 
