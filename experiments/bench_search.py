@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import tempfile
 import time
 
@@ -150,6 +151,8 @@ class TorchBeamSearch:
             self.policy_tokens += len(seg)
             if seg[-1] == self.tok.eos_token_id:
                 fin = "eos"
+            elif re.search(r"\\boxed\{[^}]+\}", self.tok.decode(seg, skip_special_tokens=True)):
+                fin = "answer"  # a step stating the final answer ends its candidate, as in prm_jax.search
             elif to_end or "\n\n" not in self.tok.decode(seg, skip_special_tokens=True):
                 fin = "length"
             else:
