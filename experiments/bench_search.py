@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import tempfile
 import time
 
@@ -38,7 +37,7 @@ import torch
 from flax import nnx
 
 from prm_jax.data.prm_format import DEFAULT_SYSTEM_PROMPT, encode_prm
-from prm_jax.grading import extract_answer
+from prm_jax.grading import extract_answer, last_boxed
 from prm_jax.data.steps import policy_prompt_ids, split_steps
 from prm_jax.models.hf import load_causal_lm, load_prm, save_hf
 from prm_jax.models.prm import Qwen2PRM
@@ -151,7 +150,7 @@ class TorchBeamSearch:
             self.policy_tokens += len(seg)
             if seg[-1] == self.tok.eos_token_id:
                 fin = "eos"
-            elif re.search(r"\\boxed\{[^}]+\}", self.tok.decode(seg, skip_special_tokens=True)):
+            elif last_boxed(self.tok.decode(seg, skip_special_tokens=True)) is not None:
                 fin = "answer"  # a step stating the final answer ends its candidate, as in prm_jax.search
             elif to_end or "\n\n" not in self.tok.decode(seg, skip_special_tokens=True):
                 fin = "length"
