@@ -165,7 +165,8 @@ def search(policy, prm, problems, *, out: str | os.PathLike | None = None, strat
            system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, step_token: str | int = DEFAULT_STEP_TOKEN,
            batch_size: int = 8, prm_batch_size: int = 32, prm_max_length: int = 4096, mesh=None,
            dtype: str | None = None, grade_workers: int = 2, grade_timeout: float = 5.0,
-           show_progress: bool = False, plots: bool = True, reuse_kv: bool = True) -> list[dict]:
+           show_progress: bool = False, plots: bool = True, reuse_kv: bool = True,
+           stop_at_answer: bool = True) -> list[dict]:
     """Search every problem with `strategy` and return one record per problem (input order; see the
     module docstring). policy: a directory or a Qwen2ForCausalLM (then `tokenizer` too); prm: a
     directory, a Qwen2PRM (then `prm_tokenizer`), a PRMScorer, or any object with
@@ -173,7 +174,8 @@ def search(policy, prm, problems, *, out: str | os.PathLike | None = None, strat
     list of {"id", "problem", "answer"}. With `out`, records are appended to OUT/search.jsonl as
     problems finish and problems already there are not searched again. reuse_kv=False prefills every
     candidate's prefix again at each step instead of extending its kept KV cache (for comparisons:
-    the keys are the same, so the results are too, up to float rounding of the logits)."""
+    the keys are the same, so the results are too, up to float rounding of the logits). stop_at_answer:
+    a step that states the final answer (`\\boxed{}`) finishes its candidate (see StepConfig)."""
     if agg not in AGGREGATIONS:
         raise InputError(f"agg {agg!r}: expected one of {', '.join(AGGREGATIONS)}")
     try:
@@ -185,7 +187,7 @@ def search(policy, prm, problems, *, out: str | os.PathLike | None = None, strat
     model, tok = _policy(policy, tokenizer, mesh, dtype)
     scorer = _scorer(prm, prm_tokenizer, mesh, dtype, step_token, prm_batch_size, prm_max_length, system_prompt)
     step_cfg = StepConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                          delimiter=delimiter, context=model.cfg.max_position_embeddings)
+                          delimiter=delimiter, context=model.cfg.max_position_embeddings, stop_at_answer=stop_at_answer)
     stepper = Stepper(model, tok, step_cfg, mesh, reuse_kv=reuse_kv)
     prompts = {}
     for r in recs:
