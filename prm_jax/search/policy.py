@@ -130,9 +130,10 @@ class Stepper:
     def _finish(self, ids: Sequence[int], prefix_len: int, to_end: bool) -> str | None:
         if ids and ids[-1] in self.eos_ids:
             return FINISH_EOS
-        if self.cfg.stop_at_answer and last_boxed(self.text(ids)) is not None:
+        text = self.text(ids)  # decoded once per segment
+        if self.cfg.stop_at_answer and last_boxed(text) is not None:
             return FINISH_ANSWER
-        if to_end or self.cfg.delimiter not in self.text(ids):
+        if to_end or self.cfg.delimiter not in text:
             return FINISH_LENGTH
         if prefix_len + len(ids) >= self.cfg.context:  # ended at a delimiter, but nothing more fits
             return FINISH_LENGTH
