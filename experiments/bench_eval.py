@@ -19,7 +19,7 @@ after the last surviving step token (the rest changes no score): every side gets
 - transformers (torch, f32): the export through AutoModel, batches of the same token budget, longest first,
   each padded to its own longest row; one timed pass per subset (it is the slowest).
 - floor: FLOPs of the forward on the real tokens (weight matmuls 2 x params, causal attention 2 x 2 x n^2/2 x
-  heads x head_dim per layer, the score head) over the matmul rate XLA:CPU reaches in this run ([4096, 512] x
+  heads x head_dim per layer, the score head) over the matmul rate XLA:CPU reaches in this run ([8, 512, 512] x
   [512, 1408], f32 and bf16, measured again right after ours on each subset, since the shared machine's load
   moves): the time a forward would take at that rate with no padding and no overhead.
 
@@ -128,13 +128,24 @@ def forward_flops(cfg, n: int) -> float:
     return cfg.num_layers * (2 * weights * n + attention) + 2 * head * n
 
 
+RANK_TOLERANCE = 0.03  # tests/test_scoring.py's: pairs further apart than this keep their order in bf16
+
+
+def first_below(scores, threshold: float = 0.5) -> int:
+    """ProcessBench's prediction from step scores: the first step under the threshold, -1 if none."""
+    return next((i for i, s in enumerate(scores) if s < threshold), -1)
+
+
 def matmul_rate(dtype: str, repeats: int = 7) -> float:
-    """FLOP/s of one [4096, 512] x [512, 1408] matmul on XLA:CPU (the MLP's shape), median."""
+    """FLOP/s of one [8, 512, 512] x [512, 1408] matmul on XLA:CPU (the MLP's shape) as the model runs it
+    (`prm_jax.models.linear.matmul`: bf16 accumulated in f32), median."""
     import jax
     import jax.numpy as jnp
 
-    a, b = jnp.ones((4096, 512), dtype), jnp.ones((512, 1408), dtype)
-    f = jax.jit(lambda a, b: a @ b)
+    from prm_jax.models.linear import matmul
+
+    a, b = jnp.ones((8, 512, 512), dtype), jnp.ones((512, 1408), dtype)
+    f = jax.jit(matmul)
     f(a, b).block_until_ready()
     ts = []
     for _ in range(repeats):
@@ -275,7 +286,7 @@ def main(argv=None) -> int:
               flush=True)
     rates = {d: matmul_rate(d) for d in ("float32", "bfloat16")}
     print(f"device: {jax.devices()[0].platform} x{jax.device_count()} ({os.cpu_count()} cores, load "
-          f"{os.getloadavg()[0]:.1f}); XLA:CPU matmul [4096,512]x[512,1408]: f32 {rates['float32'] / 1e9:.0f} "
+          f"{os.getloadavg()[0]:.1f}); XLA:CPU matmul [8,512,512]x[512,1408]: f32 {rates['float32'] / 1e9:.0f} "
           f"GFLOP/s, bf16 {rates['bfloat16'] / 1e9:.0f} GFLOP/s; budget {args.tokens_per_batch} tokens/forward, "
           f"max_length {args.max_length}, {args.limit} samples per subset, medians of {args.repeats}", flush=True)
 
@@ -312,7 +323,13 @@ def main(argv=None) -> int:
         a32 = [min(s) for s in ours_scores[(name, "float32")]]
         a16 = [min(s) for s in ours_scores[(name, "bfloat16")]]
         same = np.argsort(a32).tolist() == np.argsort(a16).tolist()
-        print(f"  ours bf16 vs f32: max |step score diff| {d:.2e}; ranking by min step score identical: {same}")
+        flips = sum((a32[i] - a32[j]) * (a16[i] - a16[j]) < 0 for i in range(len(a32)) for j in range(i)
+                    if abs(a32[i] - a32[j]) > RANK_TOLERANCE)
+        first = [first_below(s) for s in ours_scores[(name, "float32")]]
+        same_first = sum(f == first_below(s) for f, s in zip(first, ours_scores[(name, "bfloat16")]))
+        print(f"  ours bf16 vs f32: max |step score diff| {d:.2e}; ranking by min step score identical: {same} "
+              f"({flips} pairs > {RANK_TOLERANCE} apart swapped); first step below 0.5 the same in {same_first}/"
+              f"{len(first)}")
 
     if not args.no_vllm:
         for d in ("float32", "bfloat16"):

@@ -337,11 +337,12 @@ class Demo:
 
     def stage_eval(self, label_set: str) -> None:
         prm = self.path(f"prm_{label_set}", "hf")
+        # f32 whatever the CPU (eval's default is bf16 on CPUs with AMX), so a seed's figures do not depend on it
+        common = ("--batch-size", 32, "--max-length", 256, "--scoring-dtype", "float32")
         self.cli("eval", "processbench", "--prm", prm, "--data", self.path("heldout"), "--subsets", "dev,toy",
-                 "--threshold", "tune", "--tune-on", "dev", "--out", self.path(f"eval_{label_set}"),
-                 "--batch-size", 32, "--max-length", 256)
+                 "--threshold", "tune", "--tune-on", "dev", "--out", self.path(f"eval_{label_set}"), *common)
         self.cli("eval", "bon", "--prm", prm, "--responses", self.path("heldout_samples.jsonl"),
-                 "--out", self.path(f"bon_{label_set}"), "--batch-size", 32, "--max-length", 256)
+                 "--out", self.path(f"bon_{label_set}"), *common)
 
     def stage_search(self) -> None:
         """Weighted best-of-N and step-level beam search with the consensus PRM on held-out problems, each

@@ -118,8 +118,10 @@ def load_tok(path):
 def test_processbench_cli_end_to_end(shared_data, prm_dir, torch_scores, tmp_path, capsys):
     data = str(shared_data / "processbench")
     out = tmp_path / "pb"
+    # f32 for parity with transformers (auto scores in bf16 on CPUs with AMX)
     argv = ["eval", "processbench", "--prm", prm_dir, "--data", data, "--out", str(out), "--limit", "4",
-            "--max-length", str(MAX_LEN), "--batch-size", "4", "--mesh", "data=2,fsdp=2,tensor=2"]
+            "--max-length", str(MAX_LEN), "--batch-size", "4", "--mesh", "data=2,fsdp=2,tensor=2", "--scoring-dtype",
+            "float32"]
     assert cli.main(argv + ["--threshold", "0.5"]) == 0
     assert "average F1" in capsys.readouterr().out
     rows = _rows(out / "predictions.jsonl")
@@ -214,7 +216,7 @@ def test_bon_cli_end_to_end(prm_dir, torch_scores, tmp_path, capsys):
     resp.write_text("".join(json.dumps(records[i]) + "\n" for i in order))
     out = tmp_path / "bon"
     assert cli.main(["eval", "bon", "--prm", prm_dir, "--responses", str(resp), "--out", str(out),
-                     "--max-length", str(MAX_LEN), "--batch-size", "4", "--agg", "min"]) == 0
+                     "--max-length", str(MAX_LEN), "--batch-size", "4", "--agg", "min", "--scoring-dtype", "float32"]) == 0
     assert "prm@N" in capsys.readouterr().out
     scores = {r["id"]: r["step_scores"] for r in _rows(out / "scores.jsonl")}
     for r in records:
@@ -251,7 +253,8 @@ def test_eval_uses_the_system_prompt_it_is_given(prm_dir, torch_scores, tmp_path
     for flag, prompt in (("", None), ("Think.", "Think.")):
         out = tmp_path / f"bon{len(flag)}"
         assert cli.main(["eval", "bon", "--prm", prm_dir, "--responses", str(resp), "--out", str(out),
-                         "--max-length", str(MAX_LEN), "--system-prompt", flag, "--no-plots"]) == 0
+                         "--max-length", str(MAX_LEN), "--system-prompt", flag, "--no-plots",
+                         "--scoring-dtype", "float32"]) == 0
         scores = {r["id"]: r["step_scores"] for r in _rows(out / "scores.jsonl")}
         for r in records:
             ref = torch_scores(r["problem"], r["steps"], system_prompt=prompt)

@@ -125,7 +125,8 @@ def runs(tmp_path_factory, toy_tokenizer_dir, toy_tokenizer):
                 out, "--config", TINY_RECIPE, "--quiet", *[a for s in SETS for a in ("--set", s)]]
 
     def evals(prm, out):
-        common = ["--prm", prm, "--max-length", "128", "--batch-size", "8", "--no-plots", "--system-prompt", ""]
+        common = ["--prm", prm, "--max-length", "128", "--batch-size", "8", "--no-plots", "--system-prompt", "",
+                  "--scoring-dtype", "float32"]
         return [["eval", "processbench", *common, "--data", str(bench), "--subsets", "toy", "--out", f"{out}/pb"],
                 ["eval", "bon", *common, "--responses", sp["sample"], "--out", f"{out}/bon"]]
 

@@ -96,6 +96,14 @@ def test_padding_share_counted_by_hand(tiny_prm, toy_tokenizer):
 BF16_ATOL = 0.03  # on P(correct): bf16 keeps 8 mantissa bits through every matmul
 
 
+def test_auto_scoring_dtype_is_bf16_on_accelerators_and_on_cpus_with_amx(monkeypatch):
+    from prm_jax.evaluation import scoring
+
+    for amx, cpu in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(scoring, "cpu_has_amx", lambda amx=amx: amx)
+        assert [scoring.default_scoring_dtype(p) for p in ("cpu", "gpu", "tpu")] == [cpu, "bfloat16", "bfloat16"]
+
+
 def test_bf16_scores_close_to_f32_and_rank_alike(tiny_prm, toy_tokenizer):
     items = ragged_items(12)
     f32 = PRMScorer(tiny_prm, toy_tokenizer, batch_size=12, max_length=384, buckets=(384,))

@@ -1,4 +1,5 @@
 """Quick sanity of the core model pieces against hand-computed cases (full HF parity lives in test_hf.py)."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -32,6 +33,47 @@ def test_cached_forward_equals_full_forward():
         h, cache = m.forward_cached(ids[:, t:t + 1], jnp.full((2, 1), t), cache)
         outs.append(m.logits(h))
     np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=1e-5)
+
+
+def test_bf16_dot_accumulates_in_f32_and_rounds_once():
+    """linear.dot on bf16 operands = the f32 product of the same values (numpy), rounded to bf16 once."""
+    from prm_jax.models.linear import dot
+
+    rs = np.random.RandomState(0)
+    a, b = (jnp.asarray(rs.randn(*s), jnp.bfloat16) for s in ((3, 5, 256), (256, 7)))
+    want = np.einsum("btk,kn->btn", np.asarray(a, np.float32), np.asarray(b, np.float32))
+    got = dot("btk,kn->btn", a, b)
+    assert got.dtype == jnp.bfloat16
+    # within half a bf16 ulp of the f32 product (plus f32 summation-order noise), where rounding a
+    # bf16-accumulated sum over 256 terms would be off by several ulps
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2 ** -8 + 1e-5, atol=1e-5)
+
+
+def test_bf16_cached_decode_keeps_an_exact_f32_cache_and_follows_the_full_forward():
+    """In bf16 the KV cache is f32 on CPU (qwen2.cache_dtype) holding the bf16 keys exactly; decoding
+    through it gives the full bf16 forward's logits within bf16 noise, and both stay near f32's."""
+    from prm_jax.models.qwen2 import cache_dtype
+
+    cfg = Qwen2Config.preset("tiny", vocab_size=50)
+    m32 = Qwen2ForCausalLM(cfg, nnx.Rngs(0))
+    cfg16 = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
+    m16 = nnx.merge(nnx.split(Qwen2ForCausalLM(cfg16, nnx.Rngs(0)))[0],
+                    jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(m32)))
+    assert cache_dtype(cfg16) == jnp.float32
+    ids = jnp.asarray(np.random.RandomState(1).randint(0, 50, (2, 9)))
+    full16, full32 = m16(ids).astype(jnp.float32), m32(ids)
+    cache = m16.init_cache(2, 12)
+    h, cache = m16.forward_cached(ids[:, :6], jnp.broadcast_to(jnp.arange(6), (2, 6)), cache)
+    assert cache[0][0].dtype == jnp.float32
+    np.testing.assert_array_equal(cache[0][0], cache[0][0].astype(jnp.bfloat16).astype(jnp.float32))
+    outs = [m16.logits(h)]
+    for t in range(6, 9):
+        h, cache = m16.forward_cached(ids[:, t:t + 1], jnp.full((2, 1), t), cache)
+        outs.append(m16.logits(h))
+    cached16 = np.concatenate(outs, axis=1).astype(np.float32)
+    scale = float(np.abs(full32).max())
+    assert np.abs(cached16 - full16).max() < 0.02 * scale
+    assert np.abs(cached16 - full32).max() < 0.02 * scale
 
 
 def test_step_rewards_read_p_correct_at_step_tokens():

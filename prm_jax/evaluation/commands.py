@@ -53,7 +53,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (e.g. bfloat16); default: the checkpoint's")
     p.add_argument("--scoring-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="bfloat16: backbone matmuls in bf16, softmax/norms/score head in f32; auto (without --dtype): "
-                        "the faster at equal rankings on this platform (bf16 on GPU/TPU, f32 on XLA:CPU)")
+                        "the faster at equal rankings on this platform (bf16 on GPU/TPU and on CPUs with AMX, else f32)")
     p.add_argument("--no-plots", action="store_true")
     add_distributed_flags(p)
 

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from prm_jax.models.linear import dot
+
 Array = jax.Array
 IMPLS = ("full", "causal", "decode", "flash")
 
@@ -74,7 +76,7 @@ def _attention_fwd(q, k, v, mask):
     kv = k.shape[1]
     qm = _merge_heads(q * _inv_sqrt(q), kv)
     probs = _attention_probs(qm, k, mask, q.shape[2] // kv)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v)
+    out = dot("bkqs,bksd->bkqd", probs.astype(v.dtype), v)
     return _split_heads(out, q.shape[1]), (qm, k, v, probs, out)
 
 
@@ -86,12 +88,12 @@ def _attention_bwd(res, d_out):
     qm, k, v, probs, out = res
     kv = k.shape[1]
     dom = _merge_heads(d_out, kv)
-    dv = jnp.einsum("bkqs,bkqd->bksd", probs.astype(v.dtype), dom)
+    dv = dot("bkqs,bkqd->bksd", probs.astype(v.dtype), dom)
     dp = jnp.einsum("bkqd,bksd->bkqs", dom, v, preferred_element_type=jnp.float32)
     delta = jnp.sum(dom.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     ds = (probs * (dp - delta)).astype(qm.dtype)
-    dq = jnp.einsum("bkqs,bksd->bkqd", ds, k) * _inv_sqrt(qm)
-    dk = jnp.einsum("bkqs,bkqd->bksd", ds, qm)
+    dq = dot("bkqs,bksd->bkqd", ds, k) * _inv_sqrt(qm)
+    dk = dot("bkqs,bkqd->bksd", ds, qm)
     return _split_heads(dq, d_out.shape[1]), dk, dv, None
 
 
@@ -132,7 +134,7 @@ def decode_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     scores = jnp.einsum("bksd,bkgd->bksg", k, qg, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, 0][:, None, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=2)
-    out = jnp.einsum("bksd,bksg->bkdg", v, probs.astype(v.dtype))  # [B,K,D,G]
+    out = dot("bksd,bksg->bkdg", v, probs.astype(v.dtype))  # [B,K,D,G]
     return out.transpose(0, 1, 3, 2).reshape(b, 1, h, d)
 
 

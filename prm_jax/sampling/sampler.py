@@ -68,6 +68,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from prm_jax.buckets import batch_bucket, size_bucket
+from prm_jax.models.qwen2 import cache_dtype
 from prm_jax.parallel.mesh import batch_sharding, batch_ways, logical_spec, state_shardings
 from prm_jax.sampling.select import Strategy, choose
 
@@ -609,7 +610,7 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
     def empty_cache(n: int, length: int):
         shape = (n, cfg.num_kv_heads, length, cfg.head_size)
         sh = _cache_sharding(mesh, shape)
-        return [tuple(jnp.zeros(shape, jnp.dtype(cfg.dtype), device=sh) for _ in "kv") for _ in range(cfg.num_layers)]
+        return [tuple(jnp.zeros(shape, cache_dtype(cfg), device=sh) for _ in "kv") for _ in range(cfg.num_layers)]
 
     def empty_pool(n: int, length: int):
         host = dict(logits=np.zeros((n, vocab), np.float32), lens=np.ones(n, np.int32), t=np.zeros(n, np.int32),
@@ -770,7 +771,7 @@ def step_cost(cfg, rows: int, cache_len: int) -> tuple[float, float]:
     per_layer = h * (cfg.num_heads + 2 * kv) * hd + cfg.num_heads * hd * h + 3 * h * cfg.intermediate_size
     weights = cfg.num_layers * per_layer + h * cfg.vocab_size
     flops = 2.0 * rows * weights + 4.0 * rows * cfg.num_layers * cfg.num_heads * hd * cache_len
-    cache_bytes = 2.0 * rows * cfg.num_layers * kv * hd * cache_len * jnp.dtype(cfg.dtype).itemsize
+    cache_bytes = 2.0 * rows * cfg.num_layers * kv * hd * cache_len * cache_dtype(cfg).itemsize
     return flops, weights * jnp.dtype(cfg.param_dtype).itemsize + cache_bytes
 
 
