@@ -198,9 +198,9 @@ def main():
                     times.append(dt)
                     tokens.append(sum(len(c.token_ids) for o in outs for c in o.outputs))
             res[name] = {"seconds": statistics.median(times), "tokens": statistics.median(tokens)}
+            with open(sys.argv[2], "w") as f:  # after each workload: a later crash keeps the earlier ones
+                json.dump(res, f)
         del llm
-    with open(sys.argv[2], "w") as f:
-        json.dump(res, f)
 
 
 if __name__ == "__main__":
@@ -297,15 +297,18 @@ def run_vllm(model, hf, wls: dict, dtype: str, repeats: int, python: str, work: 
            "HF_HUB_OFFLINE": "1"}
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([python, child, job_path, out_path], env=env, capture_output=True, text=True, check=False)
+    done = {}
+    if os.path.exists(out_path):
+        with open(out_path) as f:
+            done = json.load(f)
     if proc.returncode:
         log_path = os.path.join(tempfile.gettempdir(), f"bench_sampler_vllm_{dtype}.log")
         with open(log_path, "w") as f:
-            f.write(proc.stderr)
+            f.write(proc.stdout + proc.stderr)
         errors = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "error" in ln]
-        print(f"[vllm] {dtype} failed (exit {proc.returncode}); its stderr is in {log_path}: {errors[:3]}")
-        return {}
-    with open(out_path) as f:
-        return json.load(f)
+        print(f"[vllm] {dtype} failed (exit {proc.returncode}) after {sorted(done) or 'no workload'}; its output is in "
+              f"{log_path}: {errors[:3]}")
+    return done
 
 
 def in_bf16(model: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
