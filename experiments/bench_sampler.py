@@ -13,8 +13,8 @@ from other processes than two threads that must meet at every barrier (on a busy
 transformers' two OpenMP threads slow down much more than XLA's).
 Compile time is the sum of JAX's own trace + lower + backend-compile durations (jax.monitoring).
 
-Parts (issue 34: each workload runs ours static, ours continuous, transformers generate and vLLM's
-CPU engine, one after the other in one run; vLLM runs in its own venv as a subprocess, bf16 and f32):
+Parts (issue 34: each workload runs ours static, ours continuous (f32 and bf16), transformers generate and
+vLLM's CPU engine, one after the other in one run; vLLM runs in its own venv as a subprocess, bf16 and f32):
   floor  the machine's matmul rate and memory bandwidth, and the decode step per rows x cache length
          against its floor max(FLOPs / rate, bytes / bandwidth) (sampler.step_cost).
   a      batch 32, 64-token prompts, exactly 128 new tokens: generated tokens/s.
@@ -314,7 +314,7 @@ def run_vllm(model, hf, wls: dict, dtype: str, repeats: int, python: str, work: 
 
 
 def in_bf16(model: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
-    """The same weights stored and computed in bf16 (the KV cache too)."""
+    """The same weights stored and computed in bf16 (the KV cache in `qwen2.cache_dtype`: f32 on CPU)."""
     cfg = model.cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, nnx.Rngs(0))))
     return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(model)))
