@@ -129,7 +129,7 @@ def default_scoring_dtype(platform: str | None = None) -> str:
     """The faster of f32 and bf16 scoring at equal rankings, per platform (experiments/bench_eval.py):
     accelerators run bf16 matmuls at several times their f32 rate, and so does XLA:CPU on a CPU with AMX
     tiles, for products asked for in f32 (`models.linear.dot`): the small PRM scored ProcessBench at
-    7,100-7,700 tok/s in bf16 against 3,400-4,000 in f32 on 2 cores of a Xeon with AMX, step scores within
+    6,000-7,700 tok/s in bf16 against 3,100-4,000 in f32 (two runs) on 2 cores of a Xeon with AMX, step scores within
     5e-3, no two solutions more than 0.03 apart reordered. Other CPUs keep f32, the exact one (bf16 is
     unmeasured there)."""
     platform = platform or jax.default_backend()
