@@ -28,11 +28,11 @@ def dot(spec: str, a: Array, b: Array) -> Array:
 @jax.custom_vjp
 def matmul(x: Array, w: Array) -> Array:
     """x [..., d_in] @ w [d_in, d_out]."""
-    return dot("...i,io->...o", x, w)
+    return _matmul_fwd(x, w)[0]
 
 
 def _matmul_fwd(x, w):
-    return matmul(x, w), (x, w)
+    return dot("...i,io->...o", x, w), (x, w)
 
 
 def _matmul_bwd(res, dy):
