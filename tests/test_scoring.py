@@ -10,7 +10,7 @@ from flax import nnx
 from prm_jax.buckets import pick_bucket
 from prm_jax.data.prm_format import encode_prm
 from prm_jax.evaluation.batching import BatchRules, plan_batches
-from prm_jax.evaluation.scoring import PRMScorer
+from prm_jax.evaluation.scoring import PRMScorer, group_rows
 from prm_jax.models.prm import Qwen2PRM
 from prm_jax.models.qwen2 import Qwen2Config
 
@@ -53,9 +53,13 @@ def test_plan_counted_by_hand():
 BUCKETS = (192, 256, 320, 384)
 
 
-def test_token_budget_batching_equals_batch_size_one(tiny_prm, toy_tokenizer):
+@pytest.mark.parametrize("group_tokens", [None, 256])
+def test_token_budget_batching_equals_batch_size_one(tiny_prm, toy_tokenizer, group_tokens):
+    """group_tokens None: the CPU default (GROUP_TOKENS), which holds this test's batches whole; 256: each
+    forward runs its rows one at a time (scoring.group_rows)."""
     items = ragged_items(12)
-    scorer = PRMScorer(tiny_prm, toy_tokenizer, batch_size=8, max_length=384, buckets=BUCKETS, tokens_per_batch=800)
+    scorer = PRMScorer(tiny_prm, toy_tokenizer, batch_size=8, max_length=384, buckets=BUCKETS, tokens_per_batch=800,
+                       group_tokens=group_tokens)
     lengths = [len(encode_prm(toy_tokenizer, p, s, scorer.step_token_id)) for p, s in items]
     assert len({pick_bucket(n, BUCKETS) for n in lengths}) == 4  # ~140 to 383 tokens
     calls = []
@@ -64,6 +68,7 @@ def test_token_budget_batching_equals_batch_size_one(tiny_prm, toy_tokenizer):
     got = scorer.score(items)
     assert len(calls) > 1 and all(r * n <= 800 for r, n in calls)  # several forwards within the budget
     assert any(r > 1 for r, _ in calls) and set(calls) <= scorer.rules.shapes()
+    assert any(group_rows(r, n, scorer.group_tokens) < r for r, n in calls) == bool(group_tokens)
     one = PRMScorer(tiny_prm, toy_tokenizer, batch_size=1, max_length=384, buckets=BUCKETS)
     ref = [one.score([it])[0] for it in items]  # each item alone, batch size 1
     assert [len(s) for s in got] == [len(s) for _, s in items] == [len(r) for r in ref]

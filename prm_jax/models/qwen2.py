@@ -152,7 +152,9 @@ class MLP(nnx.Module):
         self.down_proj = Dense(f, d, ("mlp", "embed"), bias=False, cfg=cfg, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        # silu(gate) * up in f32 and rounded once: in bf16 each of its ops would round (and XLA:CPU convert)
+        gate, up = self.gate_proj(x).astype(jnp.float32), self.up_proj(x).astype(jnp.float32)
+        return self.down_proj((jax.nn.silu(gate) * up).astype(x.dtype))
 
 
 class DecoderLayer(nnx.Module):
