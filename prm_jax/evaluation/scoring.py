@@ -9,7 +9,8 @@ compute the fewest padding positions (`prm_jax.evaluation.batching`), so a long 
 a bounded set of shapes and reuses them.
 A background thread tokenizes, plans and builds the next batches while the device runs; JAX's async
 dispatch lets the next forward start before the previous one's rewards are read out. The batch is
-sharded over the mesh's data axes, the weights by the mesh rules. `PRMScorer.last_stats` reports
+sharded over the mesh's data axes, the weights by the mesh rules; on one CPU device a forward runs
+its rows a cache-sized group at a time (`GROUP_TOKENS`). `PRMScorer.last_stats` reports
 the padding share and the timings of a call.
 
 Truncation cuts the tail of a solution, so the scored steps are always a prefix of the steps: a
@@ -168,7 +169,7 @@ def default_scoring_dtype(platform: str | None = None) -> str:
     """The faster of f32 and bf16 scoring at equal rankings, per platform (experiments/bench_eval.py):
     accelerators run bf16 matmuls at several times their f32 rate, and so does XLA:CPU on a CPU with AMX
     tiles, for products asked for in f32 (`models.linear.dot`): the small PRM scored ProcessBench at
-    6,000-7,700 tok/s in bf16 against 3,100-4,000 in f32 (two runs) on 2 cores of a Xeon with AMX, step scores within
+    6,000-9,000 tok/s in bf16 against 3,100-4,100 in f32 (three runs) on 2 cores of a Xeon with AMX, step scores within
     5e-3, no two solutions more than 0.03 apart reordered. Other CPUs keep f32, the exact one (bf16 is
     unmeasured there)."""
     platform = platform or jax.default_backend()
