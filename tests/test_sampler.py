@@ -302,6 +302,32 @@ def test_continuous_equals_static(model, prompts):
             == sampler.generate_from_prefixes(model, prefixes, 3, 20, batching="static", **kw))
 
 
+def test_shared_prefix_rows_serve_more_sources_than_they_hold(model, monkeypatch):
+    """Sources with many rows each keep their prompts once, in fewer shared prefix rows than there
+    are sources: a row waits for a prefix row, each source is prefilled once, every request is
+    answered once with its known tokens, and sampled rows equal the static path's."""
+    vocab = 64
+    counting = _counting_model(vocab)
+    rs = np.random.RandomState(12)
+    lasts = [60, 20, 45, 33, 50]
+    prompts = [rs.randint(1, vocab, rs.randint(3, 12)).tolist() + [x] for x in lasts]
+    before = len(sampler.compile_log())
+    outs = sampler.generate_from_prefixes(counting, prompts, 6, 48, stop_ids=[0], max_batch=8)
+    assert outs == [[list(range(x + 1, vocab)) + [0]] * 6 for x in lasts]
+    admits = [ln for ln in sampler.compile_log()[before:] if ln.startswith("admit")]
+    assert admits and all("admit_shared" in ln and "prefix_rows=3" in ln for ln in admits), admits
+    assert sampler.last_stats().prefill_tokens == sum(map(len, prompts))  # 5 sources through 3 rows, once each
+    # a real model: 3 sources through 2 prefix rows give the static path's samples
+    many = [rs.randint(0, VOCAB, n).tolist() for n in (7, 19, 12)]
+    kw = dict(temperature=1.0, top_p=0.9, seed=7, stop_ids=[3, 17, 40])
+    rows = []
+    real = sampler._admit_shared
+    monkeypatch.setattr(sampler, "_admit_shared", lambda *a, **k: rows.append(a[3]["hidden"].shape[0]) or real(*a, **k))
+    got = sampler.generate_from_prefixes(model, many, 5, 20, max_batch=4, **kw)
+    assert rows and set(rows) == {2}
+    assert got == sampler.generate_from_prefixes(model, many, 5, 20, batching="static", **kw)
+
+
 def test_bounded_cache_decode_equals_full_cache(model, monkeypatch):
     """Small cache buckets and chunks make the pool grow, shrink and compact its cache while long
     and short rows decode together; greedy tokens equal the static path's, whose cache is

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from prm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM, default_positions, rope_cos_sin
+from prm_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM, SharedPrefix, default_positions, rope_cos_sin
 
 
 def test_packed_positions_restart_per_segment():
@@ -33,6 +33,35 @@ def test_cached_forward_equals_full_forward():
         h, cache = m.forward_cached(ids[:, t:t + 1], jnp.full((2, 1), t), cache)
         outs.append(m.logits(h))
     np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=1e-5)
+
+
+def test_decode_over_shared_prefix_rows_equals_full_forward():
+    """Rows whose prompts are (prefixes of) two sources held once in shared prefix rows, decoding
+    into their own short caches, give the logits of the uncached full forward of each row's tokens."""
+    cfg = Qwen2Config.preset("tiny", vocab_size=50)
+    graphdef, params = nnx.split(Qwen2ForCausalLM(cfg, nnx.Rngs(0)))
+
+    @jax.jit
+    def decode(params, sources, src, lens, new):
+        m = nnx.merge(graphdef, params)
+        _, prefix = m.forward_cached(sources, jnp.broadcast_to(jnp.arange(10), (2, 10)), m.init_cache(2, 10))
+        own, out = m.init_cache(4, 5), []
+        for t in range(new.shape[1]):
+            h, own = m.forward_cached(new[:, t:t + 1], (lens + t)[:, None], own, SharedPrefix(prefix, src, lens))
+            out.append(m.logits(h[:, 0]))
+        return jnp.stack(out, axis=1)
+
+    rs = np.random.RandomState(1)
+    sources = rs.randint(0, 50, (2, 10))
+    src, lens = np.array([0, 1, 0, 1]), np.array([10, 4, 7, 9])  # rows read 10/4/7/9 positions of their source
+    new = rs.randint(0, 50, (4, 3))
+    got = decode(params, sources, src, lens, new)
+    seqs = np.zeros((4, 13), np.int32)  # each row's tokens, right-padded, for one full forward
+    for b in range(4):
+        seqs[b, :lens[b] + 3] = np.concatenate([sources[src[b], :lens[b]], new[b]])
+    full = nnx.merge(graphdef, params)(seqs, np.arange(13)[None] < (lens + 3)[:, None])
+    want = np.stack([full[b, lens[b]:lens[b] + 3] for b in range(4)])
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_bf16_dot_accumulates_in_f32_and_rounds_once():

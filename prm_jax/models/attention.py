@@ -15,7 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 from prm_jax.models.linear import dot
 
 Array = jax.Array
-IMPLS = ("full", "causal", "decode", "flash")
+IMPLS = ("full", "causal", "decode", "flash")  # and `prefixed_decode_attention`, called directly
 
 
 def attend(q: Array, k: Array, v: Array, mask: Array | None, impl: str) -> Array:
@@ -136,6 +136,31 @@ def decode_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     probs = jax.nn.softmax(scores, axis=2)
     out = dot("bksd,bksg->bkdg", v, probs.astype(v.dtype))  # [B,K,D,G]
     return out.transpose(0, 1, 3, 2).reshape(b, 1, h, d)
+
+
+def prefixed_decode_attention(q: Array, k: Array, v: Array, mask: Array, pk: Array, pv: Array,
+                              pmask: Array) -> Array:
+    """`decode_attention` over two key sets: the row's own cache k/v [B,K,S,D] (mask [B,1,S]) and
+    shared prefix caches pk/pv [U,K,P,D], of which row b sees positions pmask[b] [U,P] (its source's
+    first positions). The prefix scores of all rows are one [B*G, D] @ [D, U*P] product per kv head
+    rather than B products with G rows each, and each prefix is read once per step rather than once
+    per row: for U << B (rollouts of a few solutions) that is most of a decode step's attention.
+    One softmax over both sets (f32), normalised after the value products."""
+    b, _, h, d = q.shape
+    kv = k.shape[1]
+    neg = jnp.finfo(jnp.float32).min
+    qg = (q * _inv_sqrt(q)).reshape(b, kv, h // kv, d)
+    own = jnp.einsum("bksd,bkgd->bksg", k, qg, preferred_element_type=jnp.float32)
+    own = jnp.where(mask[:, 0][:, None, :, None], own, neg)
+    pre = jnp.einsum("bkgd,ukpd->bkgup", qg, pk, preferred_element_type=jnp.float32)
+    pre = jnp.where(pmask[:, None, None], pre, neg)
+    top = jnp.maximum(jnp.max(own, axis=2), jnp.max(pre, axis=(3, 4)))  # [B,K,G]
+    own = jnp.exp(own - top[:, :, None, :])
+    pre = jnp.exp(pre - top[..., None, None])
+    total = jnp.sum(own, axis=2) + jnp.sum(pre, axis=(3, 4))
+    out = dot("bksd,bksg->bkdg", v, own.astype(v.dtype)).transpose(0, 1, 3, 2)
+    out = out + dot("bkgup,ukpd->bkgd", pre.astype(pv.dtype), pv)
+    return (out / total[..., None]).reshape(b, 1, h, d)
 
 
 def flash_attention(q: Array, k: Array, v: Array, mask: Array | None, implementation: str = "cudnn") -> Array:

@@ -16,14 +16,14 @@ speed-ups this page only picks live in `models.attention` (attention kernels) an
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from prm_jax.models.attention import attend
+from prm_jax.models.attention import attend, prefixed_decode_attention
 from prm_jax.models.config import Qwen2Config
 from prm_jax.models.linear import matmul
 
@@ -31,6 +31,15 @@ Array = jax.Array
 # remat_saves (runtime.REMAT_SAVES) -> what the forward keeps under remat
 REMAT_POLICIES = {"nothing": None, "matmuls": jax.checkpoint_policies.save_only_these_names("matmul")}
 KVCache = list  # [(k, v)] per layer, each [B, kv_heads, S, head_dim]
+
+
+class SharedPrefix(NamedTuple):
+    """Rows whose leading positions live in shared caches (`forward_cached(prefix=...)`, decode
+    only): row b's positions [0, length[b]) are those of prefix row source[b] (cache: per layer
+    (k, v) [U, kv_heads, P, head_dim]), and its own cache holds position p at slot p - length[b]."""
+    cache: KVCache
+    source: Array  # [B] int
+    length: Array  # [B] int
 
 
 # -- layers ------------------------------------------------------------------------------------
@@ -104,10 +113,16 @@ class Attention(nnx.Module):
         cos, sin = rope_cos_sin(positions, cfg.head_size, cfg.rope_theta)
         return apply_rope(self.k_proj(x).reshape(shape), cos, sin), self.v_proj(x).reshape(shape)
 
-    def __call__(self, x: Array, positions: Array, mask: Array,
-                 cache: tuple[Array, Array] | None = None) -> tuple[Array, tuple[Array, Array] | None]:
+    def __call__(self, x: Array, positions: Array, mask: Array, cache: tuple[Array, Array] | None = None,
+                 prefix: tuple[Array, Array, Array, Array] | None = None) -> tuple[Array, tuple[Array, Array] | None]:
+        """prefix (decode with a cache only): (k, v, mask [B,U,P], slot offset [B]) of the layer's
+        shared prefix caches (see SharedPrefix)."""
         q, (k, v) = self.queries(x, positions), self.keys_values(x, positions)
-        if cache is not None:
+        if prefix is not None:
+            pk, pv, pmask, offset = prefix
+            k, v = cache = _write_cache(cache, k, v, positions[:, 0] - offset)
+            out = prefixed_decode_attention(q.astype(k.dtype), k, v, mask, pk, pv, pmask).astype(q.dtype)
+        elif cache is not None:
             k, v = cache = _write_cache(cache, k, v, positions[:, 0])
             # in the cache's dtype: casting the cache would cost a pass over it per layer
             out = attend(q.astype(k.dtype), k, v, mask, "decode" if q.shape[1] == 1 else "full").astype(q.dtype)
@@ -164,8 +179,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, mask, cache=None):
-        h, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache)
+    def __call__(self, x, positions, mask, cache=None, prefix=None):
+        h, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache, prefix)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -240,16 +255,28 @@ class Qwen2Model(nnx.Module):
             x = run(layer, x)
         return self.norm(x)
 
-    def forward_cached(self, input_ids: Array, positions: Array, cache: KVCache) -> tuple[Array, KVCache]:
+    def forward_cached(self, input_ids: Array, positions: Array, cache: KVCache,
+                       prefix: SharedPrefix | None = None) -> tuple[Array, KVCache]:
         """Run tokens [B,T] at `positions` [B,T] (contiguous per row) against the cache.
         Writes their keys at slots = positions; a query attends to slots <= its position.
-        Returns (final hidden states [B,T,H], updated cache)."""
+        With a prefix (one token per row): slots = positions - prefix.length, and each query also
+        attends to its shared prefix. Returns (final hidden states [B,T,H], updated cache)."""
         s = cache[0][0].shape[2]  # cache [B, K, S, D]
-        mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]
+        if prefix is None:
+            mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]
+            layer_prefixes = [None] * len(self.layers)
+        else:
+            if input_ids.shape[1] != 1:
+                raise ValueError("forward_cached: a shared prefix serves one-token decode steps only")
+            mask = jnp.arange(s)[None, None, :] <= (positions - prefix.length[:, None])[:, :, None]
+            u, _, p, _ = prefix.cache[0][0].shape
+            pmask = ((prefix.source[:, None, None] == jnp.arange(u)[None, :, None])
+                     & (jnp.arange(p)[None, None, :] < prefix.length[:, None, None]))  # [B, U, P]
+            layer_prefixes = [(pk, pv, pmask, prefix.length) for pk, pv in prefix.cache]
         x = self.embed_tokens(input_ids)
         new_cache = []
-        for layer, layer_cache in zip(self.layers, cache):
-            x, layer_cache = layer(x, positions, mask, layer_cache)
+        for layer, layer_cache, layer_prefix in zip(self.layers, cache, layer_prefixes):
+            x, layer_cache = layer(x, positions, mask, layer_cache, layer_prefix)
             new_cache.append(layer_cache)
         return self.norm(x), new_cache
 
@@ -289,9 +316,10 @@ class Qwen2ForCausalLM(nnx.Module):
                  segment_ids: Array | None = None) -> Array:
         return self.logits(self.model(input_ids, attention_mask, positions=positions, segment_ids=segment_ids))
 
-    def forward_cached(self, input_ids: Array, positions: Array, cache: KVCache) -> tuple[Array, KVCache]:
+    def forward_cached(self, input_ids: Array, positions: Array, cache: KVCache,
+                       prefix: SharedPrefix | None = None) -> tuple[Array, KVCache]:
         """Hidden states (not logits: the sampler projects only the rows it needs) and the new cache."""
-        return self.model.forward_cached(input_ids, positions, cache)
+        return self.model.forward_cached(input_ids, positions, cache, prefix)
 
     def init_cache(self, batch: int, length: int, dtype: Any = None) -> KVCache:
         return init_cache(self.cfg, batch, length, dtype)

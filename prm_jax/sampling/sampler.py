@@ -34,8 +34,11 @@ are collected and pending requests prefilled into the free slots (in source orde
 distinct source in each admission group, so prefix sharing holds), and once nothing is pending the
 pool is halved whenever half of it is idle. The cache length follows the filled part in buckets of
 size_bucket(n, 128) positions, so a step attends over what the live rows use, not prompt +
-max_new_tokens. A row's key and step keys are the same as in the static path, so both give the same
-tokens for equal logits. `last_stats()` / `total_stats()` report the decode utilisation (kept tokens
+max_new_tokens. When the call's sources have many rows each (MC rollouts: a solution's step prefixes
+x n completions), the pool keeps each source's prompt once, in a few shared prefix rows, and the
+slots' caches hold only the new tokens: a step reads each prompt once instead of once per row. A
+row's key and step keys are the same as in the static path, so both give the same tokens for equal
+logits. `last_stats()` / `total_stats()` report the decode utilisation (kept tokens
 per computed token slot) and ms per step (`SamplerStats.floor_ms_per_step` compares with a floor).
 
 batching="static" (the former path): prompts are sorted by length and cut into batches of at most
@@ -57,6 +60,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -68,7 +72,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from prm_jax.buckets import batch_bucket, size_bucket
-from prm_jax.models.qwen2 import cache_dtype
+from prm_jax.models.qwen2 import SharedPrefix, cache_dtype
 from prm_jax.parallel.mesh import batch_sharding, batch_ways, logical_spec, state_shardings
 from prm_jax.sampling.select import Strategy, choose
 
@@ -117,10 +121,17 @@ def _cache_sharding(mesh: Mesh | None, shape) -> NamedSharding | None:
     return NamedSharding(mesh, logical_spec(("batch", "kv_heads", "length", None), shape, mesh))
 
 
-def _constrain(cache, mesh):
+def _prefix_sharding(mesh: Mesh | None, shape) -> NamedSharding | None:
+    """Shared prefix rows: every device's rows may read any of them, so only kv heads are split."""
+    if mesh is None:
+        return None
+    return NamedSharding(mesh, logical_spec((None, "kv_heads", "length", None), shape, mesh))
+
+
+def _constrain(cache, mesh, sharding=_cache_sharding):
     if mesh is None:
         return cache
-    return [tuple(jax.lax.with_sharding_constraint(a, _cache_sharding(mesh, a.shape)) for a in kv) for kv in cache]
+    return [tuple(jax.lax.with_sharding_constraint(a, sharding(mesh, a.shape)) for a in kv) for kv in cache]
 
 
 def _prefill_impl(graphdef, params, ids, row_src, row_len, *, st: _Static):
@@ -205,8 +216,12 @@ _decode = jax.jit(_decode_impl, static_argnames=("graphdef", "st"), donate_argna
 # given number of steps (leaving early once enough slots are free), `_resize` gathers slots into
 # a smaller pool and crops or extends the cache length L (attention reads all L positions, so L
 # follows the filled part of the cache in buckets instead of the prompt + max_new_tokens maximum).
+# A pool whose rows share few sources keeps their prompts once, in U shared prefix rows (`prefix`:
+# the sources' caches [U, K, T, D] and final hidden states [U, T, H]; a slot's `src` names its row),
+# and the slots' own caches then hold only the new tokens (position p at slot p - prompt length):
+# `_admit_shared` admits into such a pool.
 
-_STATE_KEYS = ("logits", "lens", "t", "done", "key_ids", "sample_ids", "matched", "out_tok", "out_lp")
+_STATE_KEYS = ("logits", "lens", "t", "done", "key_ids", "sample_ids", "matched", "out_tok", "out_lp", "src")
 
 
 def _admit_impl(graphdef, params, cache, state, ids, row_src, row_len, slots, key_ids, sample_ids, *, st: _Static):
@@ -234,6 +249,32 @@ def _place(cache, state, src, t, logits, row_src, row_len, slots, key_ids, sampl
 
 
 _admit = jax.jit(_admit_impl, static_argnames=("graphdef", "st"), donate_argnames=("cache", "state"))
+
+
+def _admit_shared_impl(graphdef, params, state, prefix, ids, prefix_rows, row_src, row_len, slots, key_ids,
+                       sample_ids, *, st: _Static):
+    """Prefill the new sources ids [U, T] into shared prefix rows prefix_rows[u] (out of range:
+    padding, dropped), then hand row i (prompt length row_len[i], its source in prefix row
+    row_src[i], new or not) to slot slots[i]: a fresh state whose logits are read off the prefix
+    row's hidden states. Its own cache is left as it is: it will hold positions from row_len[i] on,
+    and a step attends only to the slots it has written."""
+    _note_compile("admit_shared", f"sources={ids.shape[0]} len={ids.shape[1]} rows={row_src.shape[0]} "
+                                  f"slots={state['lens'].shape[0]} prefix_rows={prefix['hidden'].shape[0]}")
+    model = nnx.merge(graphdef, params)
+    u, t = ids.shape
+    src = _constrain(model.init_cache(u, t), st.mesh)
+    hidden, src = model.forward_cached(ids, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (u, t)), src)
+    cache = _constrain([(pk.at[prefix_rows].set(k, mode="drop"), pv.at[prefix_rows].set(v, mode="drop"))
+                        for (pk, pv), (k, v) in zip(prefix["cache"], src)], st.mesh, _prefix_sharding)
+    hidden = prefix["hidden"].at[prefix_rows].set(hidden.astype(prefix["hidden"].dtype), mode="drop")
+    fresh = dict(logits=model.logits(hidden[row_src, row_len - 1]), lens=row_len, t=jnp.zeros_like(row_len),
+                 done=jnp.zeros(row_len.shape, bool), key_ids=key_ids, sample_ids=sample_ids,
+                 matched=jnp.zeros_like(row_len), src=row_src)
+    state = {name: (a.at[slots].set(fresh[name], mode="drop") if name in fresh else a) for name, a in state.items()}
+    return state, dict(cache=cache, hidden=hidden)
+
+
+_admit_shared = jax.jit(_admit_shared_impl, static_argnames=("graphdef", "st"), donate_argnames=("state", "prefix"))
 
 
 def _admit_cached_impl(graphdef, params, cache, state, kept, ids, starts, kept_rows, row_src, row_len, slots,
@@ -287,12 +328,13 @@ def _grow_impl(out, *, length: int, mesh: Mesh | None):
 _grow = jax.jit(_grow_impl, static_argnames=("length", "mesh"))  # a new shape: nothing to donate to
 
 
-def _chunk_impl(graphdef, params, cache, state, base_key, max_new, temperature, top_p, stop_ids, stop_table,
+def _chunk_impl(graphdef, params, cache, state, prefix, base_key, max_new, temperature, top_p, stop_ids, stop_table,
                 max_steps, free_target, *, st: _Static):
     """Up to max_steps decode steps of every slot, stopping early once free_target slots are done
     (or all are). Each step picks token t of each live slot from its logits (key fold_in(row key,
-    t), exactly as the static decode) and feeds it at position lens + t. Returns the cache, the
-    state and the number of steps run."""
+    t), exactly as the static decode) and feeds it at position lens + t (with shared prefix rows
+    `prefix`, a cache like the pool's or None: at slot t of the slot's own cache). Returns the
+    cache, the state and the number of steps run."""
     s_n, length = state["lens"].shape[0], cache[0][0].shape[2]
     _note_compile("decode_chunk", f"slots={s_n} cache={length} new={st.new_len} strategy={st.strategy} "
                                   f"logprobs={st.logprobs}")
@@ -321,16 +363,17 @@ def _chunk_impl(graphdef, params, cache, state, base_key, max_new, temperature, 
         col = jnp.where(live, t, st.new_len)  # a free slot's write is dropped
         t_next = t + live
         done = s["done"] | (live & (stopped | (t_next >= max_new)))
-        pos = jnp.minimum(s["lens"] + t, length - 1)  # only done slots can reach past L - 1
+        own = 0 if prefix is None else s["lens"]  # positions held by the prefix rows
+        pos = jnp.minimum(s["lens"] + t, own + length - 1)  # only done slots can reach past slot L - 1
+        shared = None if prefix is None else SharedPrefix(prefix, s["src"], s["lens"])
 
         def forward(cache):
-            hidden, cache = model.forward_cached(tok[:, None], pos[:, None], cache)
+            hidden, cache = model.forward_cached(tok[:, None], pos[:, None], cache, shared)
             return model.logits(hidden[:, 0]), _constrain(cache, st.mesh)
 
         # forward as the true branch: with the pass-through first, XLA:CPU copied the cache every step
         logits, cache = jax.lax.cond(~jnp.all(done), forward, lambda c: (s["logits"], c), cache)
-        s = dict(logits=logits, lens=s["lens"], t=t_next, done=done, key_ids=s["key_ids"],
-                 sample_ids=s["sample_ids"], matched=matched,
+        s = dict(s, logits=logits, t=t_next, done=done, matched=matched,
                  out_tok=s["out_tok"].at[slot, col].set(tok, mode="drop"),
                  out_lp=s["out_lp"].at[slot, col].set(lp, mode="drop"))
         return i + 1, cache, s
@@ -580,6 +623,7 @@ def _run_static(cfg, call: _Call, sources, order: list[_Row], max_new_tokens: in
 
 
 CHUNK_STEPS = 32  # most decode steps between two visits of the continuous scheduler
+MAX_PREFIX_ROWS = 8  # most shared prefix rows a pool keeps (every row's step reads all of them)
 MIN_SLOTS = 4  # the pool is halved as it drains (no requests pending), down to this many slots
 _CACHE_QUANTUM = 128  # cache lengths are size_bucket(n, 128): 128, 192, 256, 384, 512, 768, ...
 
@@ -591,6 +635,9 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
     CHUNK_STEPS steps, and between chunks finished rows are collected, free slots refilled (once a
     quarter of the pool is free), the pool halved once no request is pending and half of it is
     idle, and the cache length moved to the bucket of what the live rows will fill next.
+    When sources have many rows each (`_prefix_rows`), their prompts are kept once, in shared
+    prefix rows, and the slots' caches hold only the new tokens; a row then waits for a prefix row
+    if every one is held by another source's live rows.
     reused (from _reused_prefixes): prefill only each source's positions past its kept prefix.
     keep: copy each row's cache into a buffer as it finishes, returned (else None) for KVRows."""
     put, rep, new_len, dp = call.put, call.rep, call.new_len, call.dp
@@ -599,7 +646,8 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
     n_src = len({rw.source for rw in order})
     u_full, u_refill = batch_bucket(min(s_n, n_src), dp), batch_bucket(min(refill, n_src), dp)
     t_len = size_bucket(max(len(sources[rw.source]) for rw in order), 16)  # prompt bucket of the call
-    cap = t_len + new_len  # the static path's cache length: no row ever needs more
+    n_prefix = 0 if reused is not None or keep else _prefix_rows(len(order), n_src, s_n)
+    cap = (0 if n_prefix else t_len) + new_len  # the static path's cache length: no row ever needs more
     mesh, vocab = call.mesh, cfg.vocab_size
     st = _Static(cache_len=0, mesh=mesh, strategy=call.strategy, new_len=new_len, logprobs=call.logprobs,
                  stop_string=call.stop_string)
@@ -616,13 +664,21 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
         host = dict(logits=np.zeros((n, vocab), np.float32), lens=np.ones(n, np.int32), t=np.zeros(n, np.int32),
                     done=np.ones(n, bool), key_ids=np.zeros(n, np.int32), sample_ids=np.zeros(n, np.int32),
                     matched=np.zeros(n, np.int32), out_tok=np.full((n, new_len), -1, np.int32),
-                    out_lp=np.zeros((n, new_len), np.float32))
+                    out_lp=np.zeros((n, new_len), np.float32), src=np.zeros(n, np.int32))
         return empty_cache(n, length), {k: put(host[k]) for k in _STATE_KEYS}
 
-    length = length_for(t_len)
+    length = length_for(0 if n_prefix else t_len)
     cache, state = empty_pool(s_n, length)
     slot_row: list[_Row | None] = [None] * s_n
     lens_h, t_h = np.zeros(s_n, np.int64), np.zeros(s_n, np.int64)
+    if n_prefix:
+        shape = (n_prefix, cfg.num_kv_heads, t_len, cfg.head_size)
+        prefix = dict(cache=[tuple(jnp.zeros(shape, cache_dtype(cfg), device=_prefix_sharding(mesh, shape))
+                                   for _ in "kv") for _ in range(cfg.num_layers)],
+                      hidden=call.rep(np.zeros((n_prefix, t_len, cfg.hidden_size), jnp.dtype(cfg.dtype))))
+        holder: list[int | None] = [None] * n_prefix  # the source each prefix row holds
+        resident: dict[int, int] = {}  # source -> its prefix row
+        users = np.zeros(n_prefix, np.int64)  # live slots reading each prefix row
     pending = collections.deque(order)
     stats = SamplerStats(calls=1)
     kept = empty_cache(batch_bucket(len(order), dp), length) if keep else None
@@ -654,6 +710,48 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
                                          put(starts), put(rows), rep(row_src), rep(row_len), rep(slot_idx),
                                          rep(key_ids), rep(sample_ids), st=dataclasses.replace(st, cache_len=t_len))
 
+    def take(n: int) -> tuple[list[_Row], dict[int, int]]:
+        """Up to n pending rows in order; with prefix rows, only while their sources are resident
+        or a prefix row no live slot (nor this group) reads can take them: (rows, new source -> row)."""
+        if not n_prefix:
+            return [pending.popleft() for _ in range(min(n, len(pending)))], {}
+        group: list[_Row] = []
+        claimed: dict[int, int] = {}
+        busy = set()
+        while pending and len(group) < n:
+            src = pending[0].source
+            if resident.get(src) in claimed.values():
+                break  # its prefix row goes to another source of this group (rows come grouped by source)
+            if src not in resident and src not in claimed:
+                free_rows = [p for p in range(n_prefix) if users[p] == 0 and p not in busy]
+                if not free_rows:
+                    break
+                claimed[src] = min(free_rows, key=lambda p: holder[p] is not None)  # an empty row first
+            busy.add(claimed.get(src, resident.get(src)))
+            group.append(pending.popleft())
+        return group, claimed
+
+    def admit_shared(group: list[_Row], claimed: dict[int, int], slots: list[int], r: int):
+        nonlocal state, prefix, stats
+        for src, p in claimed.items():
+            if holder[p] is not None:
+                del resident[holder[p]]
+            holder[p], resident[src] = src, p
+        u = batch_bucket(max(1, len(claimed)), dp)
+        ids, rows = np.zeros((u, t_len), np.int32), np.full(u, n_prefix, np.int32)
+        for i, (src, p) in enumerate(claimed.items()):
+            ids[i, :len(sources[src])], rows[i] = sources[src], p
+        stats = stats + SamplerStats(prefill_tokens=sum(len(sources[src]) for src in claimed))
+        row_src, row_len = np.zeros(r, np.int32), np.ones(r, np.int32)
+        slot_idx, key_ids, sample_ids = np.full(r, len(slot_row), np.int32), np.zeros(r, np.int32), np.zeros(r, np.int32)
+        for i, (rw, sl) in enumerate(zip(group, slots)):
+            row_src[i], row_len[i], slot_idx[i], key_ids[i], sample_ids[i] = (
+                resident[rw.source], rw.length, sl, rw.key_id, rw.sample_id)
+            slot_row[sl], lens_h[sl], t_h[sl] = rw, rw.length, 0
+            users[resident[rw.source]] += 1
+        state, prefix = _admit_shared(call.graphdef, call.params, state, prefix, put(ids), rep(rows), rep(row_src),
+                                      rep(row_len), rep(slot_idx), rep(key_ids), rep(sample_ids), st=st)
+
     def resize(idx: list[int], new_length: int):
         nonlocal cache, state, slot_row, lens_h, t_h, length
         cache, state = _resize(cache, state, rep(np.asarray(idx, np.int32)), length=new_length, mesh=mesh)
@@ -662,20 +760,27 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
 
     while True:
         free = [i for i, rw in enumerate(slot_row) if rw is None]
-        if pending and length < t_len:
+        if pending and length < t_len and not n_prefix:
             resize(list(range(len(slot_row))), length_for(t_len))
         while pending and len(free) >= min(refill, len(pending)) and free:
             big = len(free) == len(slot_row)  # an empty pool takes a full group: fewer prefills
             r, u = (len(slot_row), u_full) if big else (refill, u_refill)
-            group = [pending.popleft() for _ in range(min(r, len(free), len(pending)))]
-            admit(group, free[:len(group)], r, u)
+            group, claimed = take(min(r, len(free)))
+            if not group:
+                break  # every prefix row is in use: wait for rows to finish
+            if n_prefix:
+                admit_shared(group, claimed, free[:len(group)], r)
+            else:
+                admit(group, free[:len(group)], r, u)
             free = free[len(group):]
         live = [i for i, rw in enumerate(slot_row) if rw is not None]
         if not live:
             break
         s_cur = len(slot_row)
-        next_pos = int(max(lens_h[i] + t_h[i] for i in live))
-        target = length_for(max(next_pos, t_len if pending else 0))  # admissions write [0, t_len)
+        # the next position's slot in a row's own cache (with prefix rows it holds only new tokens)
+        next_pos = int(max(t_h[i] + (0 if n_prefix else lens_h[i]) for i in live))
+        # admissions write slots [0, t_len) unless the prompts live in the prefix rows
+        target = length_for(max(next_pos, t_len if pending and not n_prefix else 0))
         half = s_cur // 2
         if not pending and len(live) <= half and half >= MIN_SLOTS and half % dp == 0:
             while len(live) <= half // 2 and half // 2 >= MIN_SLOTS and (half // 2) % dp == 0:
@@ -694,7 +799,8 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
         else:
             free_target = s_cur
         t0 = time.perf_counter()
-        cache, state, ran = _chunk(call.graphdef, call.params, cache, state, call.base_key, *call.scalars,
+        cache, state, ran = _chunk(call.graphdef, call.params, cache, state, prefix["cache"] if n_prefix else None,
+                                   call.base_key, *call.scalars,
                                    call.stop_dev, call.table_dev, rep(np.int32(steps)), rep(np.int32(free_target)),
                                    st=st)
         done, t_now, ran = jax.device_get((state["done"], state["t"], ran))
@@ -711,17 +817,31 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
                 kept = _keep(kept, cache, rep(slots), rep(rows), mesh=mesh)
             for i in finished:
                 n = int(t_now[i])
+                if n_prefix:
+                    users[resident[slot_row[i].source]] -= 1
                 if results[slot_row[i].out] is not None:
                     raise RuntimeError(f"sampler: request {slot_row[i].out} answered twice")
                 results[slot_row[i].out] = (toks[i, :n].tolist(), lps[i, :n].tolist())
                 slot_row[i] = None
                 n_kept += n
         t_h = np.asarray(t_now, np.int64)
-        stats = stats + _step_stats(cfg, s_cur, length, int(ran), n_kept, seconds)
+        stats = stats + _step_stats(cfg, s_cur, length, int(ran), n_kept, seconds, n_prefix * t_len)
     lost = [rw.out for rw in order if results[rw.out] is None]
     if lost:
         raise RuntimeError(f"sampler: requests {lost[:5]} never answered")
     return stats, kept
+
+
+def _prefix_rows(rows: int, sources: int, slots: int) -> int:
+    """How many shared prefix rows a pool of `slots` slots keeps for `rows` rows of `sources`
+    sources (0: none; each slot keeps its own prompt). They pay when sources have several rows
+    each (rollouts of a solution's steps, n samples of a prompt): a step then reads each prompt once
+    instead of once per row. Enough rows for the pool's share of sources plus one, so that a
+    refill need not wait for a source's last row; at most MAX_PREFIX_ROWS, as every row's step
+    computes its scores against all of them."""
+    per_source = rows / sources
+    need = math.ceil(slots / per_source) + 1
+    return min(sources, need) if per_source >= 4 and need <= MAX_PREFIX_ROWS else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -763,20 +883,22 @@ class SamplerStats:
                 f"computed token slots), {self.decode_steps} steps, {self.ms_per_step:.1f} ms/step")
 
 
-def step_cost(cfg, rows: int, cache_len: int) -> tuple[float, float]:
-    """(FLOPs, bytes read) of one decode step of `rows` rows attending over cache_len positions:
-    the weight matmuls and attention's two matmuls; every weight (embeddings: only the LM head) and
-    the K/V cache read once."""
+def step_cost(cfg, rows: int, cache_len: int, prefix_len: int = 0) -> tuple[float, float]:
+    """(FLOPs, bytes read) of one decode step of `rows` rows attending over cache_len positions of
+    their own and prefix_len positions of shared prefix rows (all of them, by every row): the weight
+    matmuls and attention's two matmuls; every weight (embeddings: only the LM head) and the K/V
+    caches read once."""
     hd, h, kv = cfg.head_size, cfg.hidden_size, cfg.num_kv_heads
     per_layer = h * (cfg.num_heads + 2 * kv) * hd + cfg.num_heads * hd * h + 3 * h * cfg.intermediate_size
     weights = cfg.num_layers * per_layer + h * cfg.vocab_size
-    flops = 2.0 * rows * weights + 4.0 * rows * cfg.num_layers * cfg.num_heads * hd * cache_len
-    cache_bytes = 2.0 * rows * cfg.num_layers * kv * hd * cache_len * cache_dtype(cfg).itemsize
+    flops = 2.0 * rows * weights + 4.0 * rows * cfg.num_layers * cfg.num_heads * hd * (cache_len + prefix_len)
+    cache_bytes = 2.0 * cfg.num_layers * kv * hd * (rows * cache_len + prefix_len) * cache_dtype(cfg).itemsize
     return flops, weights * jnp.dtype(cfg.param_dtype).itemsize + cache_bytes
 
 
-def _step_stats(cfg, rows: int, cache_len: int, steps: int, kept: int, seconds: float) -> SamplerStats:
-    flops, nbytes = step_cost(cfg, rows, cache_len)
+def _step_stats(cfg, rows: int, cache_len: int, steps: int, kept: int, seconds: float,
+                prefix_len: int = 0) -> SamplerStats:
+    flops, nbytes = step_cost(cfg, rows, cache_len, prefix_len)
     return SamplerStats(0, steps, rows * steps, kept, seconds, flops * steps, nbytes * steps)
 
 
