@@ -231,21 +231,31 @@ def _admit_impl(graphdef, params, cache, state, ids, row_src, row_len, slots, ke
     _note_compile("admit", f"sources={ids.shape[0]} len={ids.shape[1]} rows={row_src.shape[0]} "
                            f"slots={state['lens'].shape[0]} cache={cache[0][0].shape[2]}")
     model = nnx.merge(graphdef, params)
-    u, t = ids.shape
-    src = _constrain(model.init_cache(u, t), st.mesh)
-    hidden, src = model.forward_cached(ids, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (u, t)), src)
+    hidden, src = _prefill_sources(model, ids, st.mesh)
     logits = model.logits(hidden[row_src, row_len - 1])
-    return _place(cache, state, src, t, logits, row_src, row_len, slots, key_ids, sample_ids, st.mesh)
+    return _place(cache, state, src, ids.shape[1], logits, row_src, row_len, slots, key_ids, sample_ids, st.mesh)
+
+
+def _prefill_sources(model, ids, mesh):
+    """The final hidden states [U, T, H] and KV caches of the sources ids [U, T], from position 0."""
+    u, t = ids.shape
+    cache = _constrain(model.init_cache(u, t), mesh)
+    return model.forward_cached(ids, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (u, t)), cache)
 
 
 def _place(cache, state, src, t, logits, row_src, row_len, slots, key_ids, sample_ids, mesh):
     """Slot slots[i] gets source row_src[i]'s cache positions [0, t) and a fresh state."""
     cache = [(ck.at[slots, :, :t].set(k[row_src, :, :t], mode="drop"),
               cv.at[slots, :, :t].set(v[row_src, :, :t], mode="drop")) for (ck, cv), (k, v) in zip(cache, src)]
+    return _constrain(cache, mesh), _fresh(state, slots, logits, row_len, key_ids, sample_ids)
+
+
+def _fresh(state, slots, logits, row_len, key_ids, sample_ids, **more):
+    """The state with slots[i] (out of range: dropped) starting row i: its first logits, prompt
+    length and random-stream ids, nothing emitted yet (and `more`'s entries, e.g. its prefix row)."""
     fresh = dict(logits=logits, lens=row_len, t=jnp.zeros_like(row_len), done=jnp.zeros(row_len.shape, bool),
-                 key_ids=key_ids, sample_ids=sample_ids, matched=jnp.zeros_like(row_len))
-    state = {name: (a.at[slots].set(fresh[name], mode="drop") if name in fresh else a) for name, a in state.items()}
-    return _constrain(cache, mesh), state
+                 key_ids=key_ids, sample_ids=sample_ids, matched=jnp.zeros_like(row_len), **more)
+    return {name: (a.at[slots].set(fresh[name], mode="drop") if name in fresh else a) for name, a in state.items()}
 
 
 _admit = jax.jit(_admit_impl, static_argnames=("graphdef", "st"), donate_argnames=("cache", "state"))
@@ -261,17 +271,12 @@ def _admit_shared_impl(graphdef, params, state, prefix, ids, prefix_rows, row_sr
     _note_compile("admit_shared", f"sources={ids.shape[0]} len={ids.shape[1]} rows={row_src.shape[0]} "
                                   f"slots={state['lens'].shape[0]} prefix_rows={prefix['hidden'].shape[0]}")
     model = nnx.merge(graphdef, params)
-    u, t = ids.shape
-    src = _constrain(model.init_cache(u, t), st.mesh)
-    hidden, src = model.forward_cached(ids, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (u, t)), src)
+    hidden, src = _prefill_sources(model, ids, st.mesh)
     cache = _constrain([(pk.at[prefix_rows].set(k, mode="drop"), pv.at[prefix_rows].set(v, mode="drop"))
                         for (pk, pv), (k, v) in zip(prefix["cache"], src)], st.mesh, _prefix_sharding)
     hidden = prefix["hidden"].at[prefix_rows].set(hidden.astype(prefix["hidden"].dtype), mode="drop")
-    fresh = dict(logits=model.logits(hidden[row_src, row_len - 1]), lens=row_len, t=jnp.zeros_like(row_len),
-                 done=jnp.zeros(row_len.shape, bool), key_ids=key_ids, sample_ids=sample_ids,
-                 matched=jnp.zeros_like(row_len), src=row_src)
-    state = {name: (a.at[slots].set(fresh[name], mode="drop") if name in fresh else a) for name, a in state.items()}
-    return state, dict(cache=cache, hidden=hidden)
+    logits = model.logits(hidden[row_src, row_len - 1])
+    return _fresh(state, slots, logits, row_len, key_ids, sample_ids, src=row_src), dict(cache=cache, hidden=hidden)
 
 
 _admit_shared = jax.jit(_admit_shared_impl, static_argnames=("graphdef", "st"), donate_argnames=("state", "prefix"))
@@ -685,6 +690,17 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
     if reused is not None:  # prefill width: the longest part of a source past its kept prefix
         suffix = size_bucket(max(len(sources[rw.source]) - int(reused[2][rw.source]) for rw in order))
 
+    def seat(group: list[_Row], slots: list[int], r: int, source_index: dict[int, int]):
+        """Seat the group's rows in `slots` (host side) and return the admission's per-row arrays
+        (r rows; padding rows go to slot S, out of range): source index, prompt length, slot, key ids."""
+        row_src, row_len = np.zeros(r, np.int32), np.ones(r, np.int32)
+        slot_idx, key_ids, sample_ids = np.full(r, len(slot_row), np.int32), np.zeros(r, np.int32), np.zeros(r, np.int32)
+        for i, (rw, sl) in enumerate(zip(group, slots)):
+            row_src[i], row_len[i], slot_idx[i], key_ids[i], sample_ids[i] = (
+                source_index[rw.source], rw.length, sl, rw.key_id, rw.sample_id)
+            slot_row[sl], lens_h[sl], t_h[sl] = rw, rw.length, 0
+        return row_src, row_len, slot_idx, key_ids, sample_ids
+
     def admit(group: list[_Row], slots: list[int], r: int, u: int):
         nonlocal cache, state, stats
         src_ids = list(dict.fromkeys(rw.source for rw in group))
@@ -695,12 +711,7 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
         for i, s in enumerate(src_ids):
             ids[i, :len(sources[s]) - starts[i]] = sources[s][starts[i]:]
         stats = stats + SamplerStats(prefill_tokens=sum(len(sources[s]) for s in src_ids) - int(starts.sum()))
-        row_src, row_len = np.zeros(r, np.int32), np.ones(r, np.int32)
-        slot_idx, key_ids, sample_ids = np.full(r, len(slot_row), np.int32), np.zeros(r, np.int32), np.zeros(r, np.int32)
-        for i, (rw, sl) in enumerate(zip(group, slots)):
-            row_src[i], row_len[i], slot_idx[i], key_ids[i], sample_ids[i] = (
-                src_pos[rw.source], rw.length, sl, rw.key_id, rw.sample_id)
-            slot_row[sl], lens_h[sl], t_h[sl] = rw, rw.length, 0
+        row_src, row_len, slot_idx, key_ids, sample_ids = seat(group, slots, r, src_pos)
         if reused is None:
             cache, state = _admit(call.graphdef, call.params, cache, state, put(ids), rep(row_src), rep(row_len),
                                   rep(slot_idx), rep(key_ids), rep(sample_ids), st=st)
@@ -742,12 +753,8 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
         for i, (src, p) in enumerate(claimed.items()):
             ids[i, :len(sources[src])], rows[i] = sources[src], p
         stats = stats + SamplerStats(prefill_tokens=sum(len(sources[src]) for src in claimed))
-        row_src, row_len = np.zeros(r, np.int32), np.ones(r, np.int32)
-        slot_idx, key_ids, sample_ids = np.full(r, len(slot_row), np.int32), np.zeros(r, np.int32), np.zeros(r, np.int32)
-        for i, (rw, sl) in enumerate(zip(group, slots)):
-            row_src[i], row_len[i], slot_idx[i], key_ids[i], sample_ids[i] = (
-                resident[rw.source], rw.length, sl, rw.key_id, rw.sample_id)
-            slot_row[sl], lens_h[sl], t_h[sl] = rw, rw.length, 0
+        row_src, row_len, slot_idx, key_ids, sample_ids = seat(group, slots, r, resident)
+        for rw in group:
             users[resident[rw.source]] += 1
         state, prefix = _admit_shared(call.graphdef, call.params, state, prefix, put(ids), rep(rows), rep(row_src),
                                       rep(row_len), rep(slot_idx), rep(key_ids), rep(sample_ids), st=st)
