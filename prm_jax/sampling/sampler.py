@@ -628,7 +628,10 @@ def _run_static(cfg, call: _Call, sources, order: list[_Row], max_new_tokens: in
 
 
 CHUNK_STEPS = 32  # most decode steps between two visits of the continuous scheduler
-MAX_PREFIX_ROWS = 8  # most shared prefix rows a pool keeps (every row's step reads all of them)
+# Most shared prefix rows a pool keeps: every row's step computes its scores against all of them. The demo's
+# rollouts (about 18 rows a source, 5 prefix rows in a 64-slot pool) ran 31.6-38.2 s with up to 8 against
+# 17.8 s without; the MC workload of bench_sampler (1 source) gains 24-37% (notes/2026-12-06-shared-prefix-rows.md).
+MAX_PREFIX_ROWS = 2
 MIN_SLOTS = 4  # the pool is halved as it drains (no requests pending), down to this many slots
 _CACHE_QUANTUM = 128  # cache lengths are size_bucket(n, 128): 128, 192, 256, 384, 512, 768, ...
 
