@@ -162,7 +162,7 @@ def time_forwards(scorer, items) -> tuple[float, list]:
     import jax
 
     batches, forward = [], scorer._forward
-    scorer._forward = lambda ids, mask: batches.append((ids, mask)) or forward(ids, mask)
+    scorer._forward = lambda *batch: batches.append(batch) or forward(*batch)
     try:
         scorer.score(items)
     finally:
@@ -170,8 +170,8 @@ def time_forwards(scorer, items) -> tuple[float, list]:
     ts = []
     for _ in range(3):
         t = time.perf_counter()
-        for ids, mask in batches:
-            jax.block_until_ready(forward(ids, mask))
+        for batch in batches:
+            jax.block_until_ready(forward(*batch))
         ts.append(time.perf_counter() - t)
     return statistics.median(ts), batches
 

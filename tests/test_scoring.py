@@ -57,15 +57,18 @@ BUCKETS = (192, 256, 320, 384)
 def test_token_budget_batching_equals_batch_size_one(tiny_prm, toy_tokenizer, group_tokens):
     """group_tokens None: the CPU default (GROUP_TOKENS), which holds this test's batches whole; 256: each
     forward runs its rows one at a time (scoring.group_rows)."""
-    items = ragged_items(12)
+    items = ragged_items(12) + [("x", ["1"] * 70)]  # the last has more steps than a forward's step slots
     scorer = PRMScorer(tiny_prm, toy_tokenizer, batch_size=8, max_length=384, buckets=BUCKETS, tokens_per_batch=800,
                        group_tokens=group_tokens)
     lengths = [len(encode_prm(toy_tokenizer, p, s, scorer.step_token_id)) for p, s in items]
     assert len({pick_bucket(n, BUCKETS) for n in lengths}) == 4  # ~140 to 383 tokens
     calls = []
     forward = scorer._forward
-    scorer._forward = lambda ids, mask: calls.append(ids.shape) or forward(ids, mask)
+    slotted = []
+    scorer._forward = lambda ids, mask, slots: (calls.append(ids.shape) or slotted.append(slots is not None)
+                                                or forward(ids, mask, slots))
     got = scorer.score(items)
+    assert any(slotted) and not all(slotted)  # step slots, and the last layer everywhere for the 70 steps
     assert len(calls) > 1 and all(r * n <= 800 for r, n in calls)  # several forwards within the budget
     assert any(r > 1 for r, _ in calls) and set(calls) <= scorer.rules.shapes()
     assert any(group_rows(r, n, scorer.group_tokens) < r for r, n in calls) == bool(group_tokens)
@@ -98,7 +101,9 @@ def test_padding_share_counted_by_hand(tiny_prm, toy_tokenizer):
     assert scorer.last_stats.as_dict()["padding_share"] == scorer.last_stats.padding_share
 
 
-BF16_ATOL = 0.03  # on P(correct): bf16 keeps 8 mantissa bits through every matmul
+# On P(correct): bf16 keeps 8 mantissa bits through every matmul, and this tiny PRM's head (x 400) magnifies
+# them. Measured 0.029 with attention weights rounded to bf16 after normalising, 0.031 before (the scorer's form).
+BF16_ATOL = 0.04
 
 
 def test_auto_scoring_dtype_is_bf16_on_accelerators_and_on_cpus_with_amx(monkeypatch):

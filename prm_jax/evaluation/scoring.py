@@ -10,8 +10,9 @@ a bounded set of shapes and reuses them.
 A background thread tokenizes, plans and builds the next batches while the device runs; JAX's async
 dispatch lets the next forward start before the previous one's rewards are read out. The batch is
 sharded over the mesh's data axes, the weights by the mesh rules; on one CPU device a forward runs
-its rows a cache-sized group at a time (`GROUP_TOKENS`). `PRMScorer.last_stats` reports
-the padding share and the timings of a call.
+its rows a cache-sized group at a time (`GROUP_TOKENS`). The last layer runs its queries and MLP at
+the step tokens alone (`step_slots`). `PRMScorer.last_stats` reports the padding share and the
+timings of a call.
 
 Truncation cuts the tail of a solution, so the scored steps are always a prefix of the steps: a
 result shorter than the steps means the later steps' tokens were cut and those steps have no
@@ -38,7 +39,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from prm_jax.buckets import octave_buckets
+from prm_jax.buckets import octave_buckets, pick_bucket
 from prm_jax.data.prm_format import DEFAULT_STEP_TOKEN, DEFAULT_SYSTEM_PROMPT, encode_prm, resolve_step_token
 from prm_jax.errors import InputError
 from prm_jax.evaluation.batching import BatchRules, plan_batches
@@ -102,16 +103,26 @@ class ScoringStats:
                 f"positions, {self.wall_s:.2f} s ({tps:.0f} tok/s; host work {self.host_s:.2f} s in the background)")
 
 
-def _forward(graphdef, state, ids, mask):
-    return step_probs(nnx.merge(graphdef, state)(ids, mask))
+def _forward(graphdef, state, ids, mask, slots):
+    return step_probs(nnx.merge(graphdef, state)(ids, mask, score_positions=slots))
 
 
-def _forward_split(graphdef, state, head, ids, mask):
+def _forward_split(graphdef, state, head, ids, mask, slots):
     """Backbone in its own (low-precision) dtype; final hidden states to f32 for the score head and
     the softmax, so the only bf16 rounding is inside the backbone."""
-    hidden = nnx.merge(graphdef, state)(ids, mask).astype(jnp.float32)
+    hidden = nnx.merge(graphdef, state)(ids, mask, only=slots).astype(jnp.float32)
     logits = jax.nn.relu(hidden @ head["w_in"] + head["b_in"]) @ head["w_out"] + head["b_out"]
     return step_probs(logits)
+
+
+def step_slots(length: int) -> int:
+    """How many step positions a row of this bucket length reads out. A forward reads the scores at
+    these alone, so its last layer runs its queries and MLP there rather than at every position (the
+    small PRM's bf16 scoring forward: +10-20%). An input with more steps runs the last layer everywhere.
+    A function of the length alone, so the compiled shapes stay those of the batch plan; at least 64,
+    since XLA:CPU's row reductions (RMSNorm) over fewer rows round differently as the batch's row count
+    changes, and an input's scores must not depend on its batch."""
+    return min(length, max(64, length // 8))
 
 
 # On one CPU device a forward runs its rows a group at a time (lax.map over groups of at most
@@ -134,14 +145,15 @@ def group_rows(rows: int, length: int, group_tokens: int) -> int:
 
 
 def _in_row_groups(forward: Callable, group_tokens: int) -> Callable:
-    """forward(*weights, ids, mask) computed `group_rows` rows at a time."""
+    """forward(*weights, ids, mask, slots) computed `group_rows` rows at a time (slots: None or [B, K])."""
     def run(*args):
-        *weights, ids, mask = args
+        *weights, ids, mask, slots = args
         b, t = ids.shape
         r = group_rows(b, t, group_tokens)
         if r == b:
-            return forward(*weights, ids, mask)
-        out = jax.lax.map(lambda a: forward(*weights, *a), (ids.reshape(b // r, r, t), mask.reshape(b // r, r, t)))
+            return forward(*weights, ids, mask, slots)
+        groups = jax.tree.map(lambda x: x.reshape(b // r, r, *x.shape[1:]), (ids, mask, slots))
+        out = jax.lax.map(lambda a: forward(*weights, *a), groups)
         return out.reshape(b, *out.shape[2:])
     return run
 
@@ -283,8 +295,10 @@ class PRMScorer:
     def encode(self, problem: str, steps: Sequence[str]) -> Encoded:
         return encode_item(self.tokenizer, problem, steps, self.step_token_id, self.max_length, self.system_prompt)
 
-    def _forward(self, ids: np.ndarray, mask: np.ndarray):
-        batch = shard_batch((ids, mask), self.mesh)
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, slots: np.ndarray | None):
+        """P(correct) [rows, K] at slots [rows, K] (step positions), or [rows, T] at every position
+        when slots is None."""
+        batch = shard_batch((ids, mask, slots), self.mesh)
         if self._head is None:
             return self._fwd(self.state, *batch)
         return self._fwd(self.state, self._head, *batch)
@@ -315,7 +329,15 @@ class PRMScorer:
                 index = list(encoded)
                 # Only the part up to the last surviving step token influences a score; drop the rest.
                 lengths = [encoded[i].step_positions[-1] + 1 for i in index]
-                plan = plan_batches(lengths, self.rules)
+                # An input with more steps than its bucket's step slots runs the last layer at every position,
+                # in batches of such inputs alone: its scores, and its batch-mates', never depend on the batch.
+                dense = [len(encoded[i].step_positions) > step_slots(pick_bucket(n, self.buckets))
+                         for i, n in zip(index, lengths)]
+                plan = []
+                for kind in (False, True):
+                    part = [j for j, d in enumerate(dense) if d == kind]
+                    plan += [dataclasses.replace(b, items=tuple(part[k] for k in b.items))
+                             for b in plan_batches([lengths[j] for j in part], self.rules)]
                 stats.host_s += time.perf_counter() - t
                 if empty and not put(("empty", empty)):
                     return
@@ -324,16 +346,23 @@ class PRMScorer:
                     ids = np.full((b.rows, b.length), self.pad_id, np.int32)
                     mask = np.zeros((b.rows, b.length), np.int32)
                     mask[:, 0] = 1  # filler rows attend to one token, so no row is fully masked
-                    rows = []
-                    for r, j in enumerate(b.items):
-                        enc, n = encoded[index[j]], lengths[j]
-                        ids[r, :n] = enc.ids[:n]
+                    steps = [encoded[index[j]].step_positions for j in b.items]
+                    slots = None if dense[b.items[0]] else np.zeros((b.rows, step_slots(b.length)), np.int32)
+                    rows = []  # (item, where its step scores are in the forward's output row)
+                    for r, (j, positions) in enumerate(zip(b.items, steps)):
+                        n = lengths[j]
+                        ids[r, :n] = encoded[index[j]].ids[:n]
                         mask[r, :n] = 1
-                        rows.append((index[j], list(enc.step_positions)))
+                        if slots is None:
+                            rows.append((index[j], list(positions)))
+                        else:  # unused slots repeat the last step
+                            slots[r] = positions[-1]
+                            slots[r, :len(positions)] = positions
+                            rows.append((index[j], list(range(len(positions)))))
                     stats.real_tokens += sum(lengths[j] for j in b.items)
                     stats.positions += b.positions
                     stats.host_s += time.perf_counter() - t
-                    if not put(("batch", rows, ids, mask)):
+                    if not put(("batch", rows, ids, mask, slots)):
                         return
             put(_DONE)
         except BaseException as e:  # noqa: BLE001 -- raised again in the caller's thread
@@ -367,14 +396,14 @@ class PRMScorer:
                 if msg[0] == "empty":
                     yield from self._finish([(i, []) for i in msg[1]], progress)
                     continue
-                _, rows, ids, mask = msg
+                _, rows, ids, mask, slots = msg
                 if ids.shape not in self.shapes_used:
                     self.shapes_used.add(ids.shape)
                     stats.new_shapes += 1
                     log.info("PRM forward shape: batch %d x length %d", *ids.shape)
                 # Dispatch this batch before reading the previous one, so reading out rewards and the
                 # caller's writing overlap the device's work (JAX dispatches asynchronously).
-                dispatched = (rows, self._forward(ids, mask))
+                dispatched = (rows, self._forward(ids, mask, slots))
                 stats.batches += 1
                 stats.scored += len(rows)
                 if pending is not None:

@@ -47,13 +47,17 @@ def _split_heads(x: Array, t: int) -> Array:
     return x.reshape(b, kv, gt // t, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, gt // t * kv, d)
 
 
-def _attention_probs(qm: Array, k: Array, mask: Array, g: int) -> Array:
-    """Softmax over keys of the scores (qm already scaled by 1/sqrt(D)), f32, [B,K,G*T,S]; masked
-    keys get weight 0."""
+def _masked_scores(qm: Array, k: Array, mask: Array, g: int) -> Array:
+    """The scores (qm already scaled by 1/sqrt(D)) in f32, [B,K,G,T,S]; masked keys at the f32 minimum."""
     b, kv, gt, _ = qm.shape
     scores = jnp.einsum("bkqd,bksd->bkqs", qm, k, preferred_element_type=jnp.float32).reshape(b, kv, g, gt // g, -1)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(scores, axis=-1).reshape(b, kv, gt, -1)
+    return jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+
+
+def _attention_probs(qm: Array, k: Array, mask: Array, g: int) -> Array:
+    """Softmax over keys of the scores, f32, [B,K,G*T,S]; masked keys get weight 0."""
+    b, kv, gt, _ = qm.shape
+    return jax.nn.softmax(_masked_scores(qm, k, mask, g), axis=-1).reshape(b, kv, gt, -1)
 
 
 def _inv_sqrt(x: Array) -> Array:
@@ -68,8 +72,21 @@ def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     k/v are kv-head-major (the KV cache's own layout), so both matmuls are plain batched matmuls
     over (B, K) with no transpose of the cache: on XLA:CPU about 2x faster than separate g/t
     axes, and the cache is not copied on every decode step. The backward is hand-written
-    (`_attention_bwd`)."""
-    return _attention_fwd(q, k, v, mask)[0]  # the unused residuals are dropped by XLA
+    (`_attention_bwd`).
+
+    Without a gradient (scoring, prefill) the softmax is normalised after the value product: the
+    exponentials, rounded once to v's dtype, go into it, and its [T,D] result is divided by their
+    sum (of the rounded values, so the weights sum to one exactly). That saves a division pass over
+    the [T,S] scores and, in bf16, an f32 copy of them: the small PRM's bf16 scoring forward ran 12%
+    faster at [8, 1024] and [4, 2048] (A/B in one process; summing the unrounded f32 exponentials
+    instead kept only 1-5% of it)."""
+    kv = k.shape[1]
+    b, t, h, _ = q.shape
+    scores = _masked_scores(_merge_heads(q * _inv_sqrt(q), kv), k, mask, h // kv)
+    weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True)).astype(v.dtype)
+    total = jnp.sum(weights.astype(jnp.float32), axis=-1, keepdims=True)
+    out = jnp.einsum("bkgqs,bksd->bkgqd", weights, v, preferred_element_type=jnp.float32) / total
+    return _split_heads(out.reshape(b, kv, h // kv * t, -1).astype(v.dtype), t)
 
 
 def _attention_fwd(q, k, v, mask):
