@@ -684,8 +684,7 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
         prefix = dict(cache=[tuple(jnp.zeros(shape, cache_dtype(cfg), device=_prefix_sharding(mesh, shape))
                                    for _ in "kv") for _ in range(cfg.num_layers)],
                       hidden=call.rep(np.zeros((n_prefix, t_len, cfg.hidden_size), jnp.dtype(cfg.dtype))))
-        holder: list[int | None] = [None] * n_prefix  # the source each prefix row holds
-        resident: dict[int, int] = {}  # source -> its prefix row
+        resident: dict[int, int] = {}  # source -> the prefix row holding it
         users = np.zeros(n_prefix, np.int64)  # live slots reading each prefix row
     pending = collections.deque(order)
     stats = SamplerStats(calls=1)
@@ -740,7 +739,7 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
                 free_rows = [p for p in range(n_prefix) if users[p] == 0 and p not in busy]
                 if not free_rows:
                     break
-                claimed[src] = min(free_rows, key=lambda p: holder[p] is not None)  # an empty row first
+                claimed[src] = min(free_rows, key=lambda p: p in resident.values())  # an empty row first
             busy.add(claimed.get(src, resident.get(src)))
             group.append(pending.popleft())
         return group, claimed
@@ -748,9 +747,9 @@ def _run_continuous(cfg, call: _Call, sources, order: list[_Row], max_new_tokens
     def admit_shared(group: list[_Row], claimed: dict[int, int], slots: list[int], r: int):
         nonlocal state, prefix, stats
         for src, p in claimed.items():
-            if holder[p] is not None:
-                del resident[holder[p]]
-            holder[p], resident[src] = src, p
+            for evicted in [s for s, q in resident.items() if q == p]:
+                del resident[evicted]
+            resident[src] = p
         u = batch_bucket(max(1, len(claimed)), dp)
         ids, rows = np.zeros((u, t_len), np.int32), np.full(u, n_prefix, np.int32)
         for i, (src, p) in enumerate(claimed.items()):
