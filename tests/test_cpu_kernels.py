@@ -11,7 +11,7 @@ from prm_jax.models import attention as A
 from prm_jax.models import cpu_kernels
 
 pytestmark = pytest.mark.skipif(
-    not (jax.default_backend() == "cpu" and cpu_kernels._registered()),
+    not (jax.default_backend() == "cpu" and cpu_kernels.available()),
     reason="the CPU attention kernel needs x86 Linux with AVX-512 BF16 and a C++ compiler")
 
 

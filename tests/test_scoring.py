@@ -106,11 +106,13 @@ def test_padding_share_counted_by_hand(tiny_prm, toy_tokenizer):
 BF16_ATOL = 0.04
 
 
-def test_auto_scoring_dtype_is_bf16_on_accelerators_and_on_cpus_with_amx(monkeypatch):
+def test_auto_scoring_dtype_is_bf16_on_accelerators_and_on_cpus_with_amx_or_the_bf16_kernel(monkeypatch):
     from prm_jax.evaluation import scoring
+    from prm_jax.models import cpu_kernels
 
-    for amx, cpu in ((True, "bfloat16"), (False, "float32")):
+    for amx, kernel, cpu in ((True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")):
         monkeypatch.setattr(scoring, "cpu_has_amx", lambda amx=amx: amx)
+        monkeypatch.setattr(cpu_kernels, "available", lambda kernel=kernel: kernel)
         assert [scoring.default_scoring_dtype(p) for p in ("cpu", "gpu", "tpu")] == [cpu, "bfloat16", "bfloat16"]
 
 

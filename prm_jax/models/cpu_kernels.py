@@ -73,7 +73,7 @@ def _build(cache_dir: str) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _registered() -> bool:
+def available() -> bool:
     """Whether the kernel is built, loaded and registered with XLA for this process."""
     if os.environ.get("PRM_JAX_CPU_KERNELS", "1") == "0":
         return False
@@ -96,7 +96,7 @@ def attention_applies(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
     """Whether `attention_bf16` serves these operands here: bf16 on the CPU backend, head size a
     multiple of 32, and the kernel available."""
     bf16 = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
-    return bf16 and q.shape[-1] % 32 == 0 and jax.default_backend() == "cpu" and _registered()
+    return bf16 and q.shape[-1] % 32 == 0 and jax.default_backend() == "cpu" and available()
 
 
 def decode_applies(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
@@ -104,7 +104,7 @@ def decode_applies(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
     size a multiple of 32, at most 8 query heads per kv head, and the kernel available."""
     f32 = all(x.dtype == jnp.float32 for x in (q, k, v))
     shapes = q.shape[1] == 1 and q.shape[-1] % 32 == 0 and q.shape[2] // k.shape[1] <= 8
-    return f32 and shapes and jax.default_backend() == "cpu" and _registered()
+    return f32 and shapes and jax.default_backend() == "cpu" and available()
 
 
 def _batch_shardings(mesh, arg_shapes):
