@@ -1,11 +1,13 @@
-// Masked attention for x86 CPUs with AVX-512 BF16, as an XLA FFI custom call (models/cpu_kernels.py
-// builds and registers it). It computes exactly what `models.attention.attention` computes without a
-// gradient, in one pass over each tile of queries instead of XLA:CPU's ~8 passes over the f32 scores:
-//   scores = q k^T in f32 (q already scaled), masked keys excluded; w = exp(scores - max) rounded to
-//   bf16; out = (w v, accumulated in f32) / sum(w), rounded to bf16.
-// Keys outside a tile's masked range are never touched, so a causal mask costs half and a decode step
-// reads only the filled part of its cache. A query whose keys are all masked gets the mean of v over
-// all keys, as the softmax of equal scores would.
+// Attention kernels for x86 CPUs with AVX-512 BF16, as XLA FFI custom calls (models/cpu_kernels.py builds
+// and registers them).
+// - PrmAttentionBf16: what `models.attention.attention` computes without a gradient, in one pass over each
+//   tile of queries instead of XLA:CPU's ~8 passes over the f32 scores:
+//     scores = q k^T in f32 (q already scaled), masked keys excluded; w = exp(scores - max) rounded to
+//     bf16; out = (w v, accumulated in f32) / sum(w), rounded to bf16.
+//   Keys outside a tile's unmasked range are never touched, so a causal mask costs half.
+// - PrmDecodeAttentionF32: `models.attention.decode_attention` (one f32 query per row against the KV
+//   cache), reading only the cache's filled part, once.
+// A query whose keys are all masked gets the mean of v over all keys, as the softmax of equal scores would.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -447,5 +449,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PrmDecodeAttentionF32, DecodeF32,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
-
-extern "C" int PrmAttentionSupported() { return __builtin_cpu_supports("avx512bf16") ? 1 : 0; }

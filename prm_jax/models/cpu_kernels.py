@@ -74,18 +74,18 @@ def _build(cache_dir: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
-    """Whether the kernel is built, loaded and registered with XLA for this process."""
+    """Whether the kernels are built, loaded and registered with XLA for this process."""
     if os.environ.get("PRM_JAX_CPU_KERNELS", "1") == "0":
         return False
     if platform.system() != "Linux" or platform.machine() != "x86_64" or not _cpu_has_avx512_bf16():
-        log.info("bf16 attention: XLA's (the CPU kernel needs x86 Linux with AVX-512 BF16)")
+        log.info("CPU attention kernels not used: they need x86 Linux with AVX-512 BF16")
         return False
     cache_dir = os.environ.get("PRM_JAX_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                                          "prm_jax", "kernels")
     try:
         lib = ctypes.cdll.LoadLibrary(_build(cache_dir))
     except (OSError, RuntimeError) as e:
-        log.warning("bf16 attention: XLA's; the CPU kernel could not be built: %s", e)
+        log.warning("CPU attention kernels not used (XLA's attention instead): the build failed: %s", e)
         return False
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(f"prm_jax_{target}", jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
