@@ -191,14 +191,9 @@ def default_scoring_dtype(platform: str | None = None) -> str:
     return "bfloat16" if platform in ("gpu", "tpu") or fast_cpu else "float32"
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_has_amx() -> bool:
-    """Whether this machine's CPU has AMX bf16 tiles (Linux: the `amx_bf16` flag in /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
-    except OSError:
-        return False
+    """Whether this machine's CPU has AMX bf16 tiles."""
+    return cpu_kernels.cpu_has_flag("amx_bf16")
 
 
 def _mixed_precision(prm: nnx.Module, dtype: str):

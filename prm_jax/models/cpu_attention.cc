@@ -99,65 +99,61 @@ void Pack(const Shape& sh, const uint16_t* k, const uint16_t* v, uint32_t* kp, u
   }
 }
 
-// [first, last] unmasked key of each query (first > last when none).
-void KeyRange(const Shape& sh, const bool* mask, int32_t* first, int32_t* last, int64_t bt) {
-  const uint8_t* row = reinterpret_cast<const uint8_t*>(mask + bt * sh.s);
-  int64_t lo = 0, hi = sh.s - 1;
+// [lo, hi]: the first and last unmasked key of a mask row of s keys (lo > hi when none).
+inline void UnmaskedRange(const uint8_t* row, int64_t s, int64_t& lo, int64_t& hi) {
+  lo = 0, hi = s - 1;
   while (lo <= hi && !row[lo]) ++lo;
   while (hi >= lo && !row[hi]) --hi;
-  first[bt] = int32_t(lo);
-  last[bt] = int32_t(hi);
 }
 
-// acc[r][c] (R queries x C key vectors of 16) = q_r . k over D.
+// Scores of keys [lo, lo + n) (n a multiple of 16) with masked keys and keys past s set to -FLT_MAX; their max.
+inline float MaskScores(float* scores, const uint8_t* mask_row, int64_t lo, int64_t n, int64_t s) {
+  const __m512 neg = _mm512_set1_ps(-FLT_MAX);
+  __m512 top = neg;
+  for (int64_t j = 0; j < n; j += 16) {
+    const int64_t key = lo + j;
+    const __mmask16 in_range = key + 16 <= s ? __mmask16(0xffff) : __mmask16((1u << std::max<int64_t>(s - key, 0)) - 1);
+    __m128i mb = _mm_maskz_loadu_epi8(in_range, mask_row + key);
+    __m512 x = _mm512_mask_blend_ps(_mm_test_epi8_mask(mb, mb), neg, _mm512_loadu_ps(scores + j));
+    _mm512_storeu_ps(scores + j, x);
+    top = _mm512_max_ps(top, x);
+  }
+  return _mm512_reduce_max_ps(top);
+}
+
+// out[r][16c .. 16c+16) = sum over i of the bf16 pairs a[r][i] . b[i * stride + 16c ..]: R rows x C vectors of
+// 16 in registers. Scores: a = queries (pairs along D), b = packed keys; values: a = weights (pairs along
+// keys), b = packed values.
 template <int R, int C>
-inline void ScoreBlock(const uint32_t* const* q, const uint32_t* kp, int64_t sp, int64_t d2, float* out,
-                       int64_t ld) {
+inline void PairBlock(const uint32_t* const* a, const uint32_t* b, int64_t stride, int64_t pairs, float* out,
+                      int64_t ld) {
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < d2; ++i) {
-    __m512bh kv[C];
-    for (int c = 0; c < C; ++c) kv[c] = (__m512bh)_mm512_loadu_si512(kp + i * sp + 16 * c);
+  for (int64_t i = 0; i < pairs; ++i) {
+    __m512bh bv[C];
+    for (int c = 0; c < C; ++c) bv[c] = (__m512bh)_mm512_loadu_si512(b + i * stride + 16 * c);
     for (int r = 0; r < R; ++r) {
-      __m512bh qb = (__m512bh)_mm512_set1_epi32(int(q[r][i]));
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qb, kv[c]);
+      __m512bh ab = (__m512bh)_mm512_set1_epi32(int(a[r][i]));
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], ab, bv[c]);
     }
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + r * ld + 16 * c, acc[r][c]);
 }
 
-// acc[r][c] (R queries x C dim vectors of 16) = sum over key pairs of w_r . v.
-template <int R, int C>
-inline void ValueBlock(const uint32_t* const* w, const uint32_t* vp, int64_t pairs, int64_t d, float* out) {
-  __m512 acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < pairs; ++i) {
-    __m512bh vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = (__m512bh)_mm512_loadu_si512(vp + i * d + 16 * c);
-    for (int r = 0; r < R; ++r) {
-      __m512bh wb = (__m512bh)_mm512_set1_epi32(int(w[r][i]));
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wb, vv[c]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + r * d + 16 * c, acc[r][c]);
-}
-
 template <int R>
 void Scores(const uint32_t* const* q, const uint32_t* kp, int64_t sp, int64_t d2, int64_t n, float* out, int64_t ld) {
   int64_t j = 0;
-  for (; j + 64 <= n; j += 64) ScoreBlock<R, 4>(q, kp + j, sp, d2, out + j, ld);
-  for (; j < n; j += 16) ScoreBlock<R, 1>(q, kp + j, sp, d2, out + j, ld);
+  for (; j + 64 <= n; j += 64) PairBlock<R, 4>(q, kp + j, sp, d2, out + j, ld);
+  for (; j < n; j += 16) PairBlock<R, 1>(q, kp + j, sp, d2, out + j, ld);
 }
 
 template <int R>
 void Values(const uint32_t* const* w, const uint32_t* vp, int64_t pairs, int64_t d, float* out) {
   for (int64_t c = 0; c < d; c += 64) {
-    if (d - c >= 64) ValueBlock<R, 4>(w, vp + c, pairs, d, out + c);
-    else ValueBlock<R, 2>(w, vp + c, pairs, d, out + c);  // d is a multiple of 32
+    if (d - c >= 64) PairBlock<R, 4>(w, vp + c, d, pairs, out + c, d);
+    else PairBlock<R, 2>(w, vp + c, d, pairs, out + c, d);  // d is a multiple of 32
   }
 }
 
@@ -165,6 +161,7 @@ struct Scratch {
   std::vector<float> scores, acc, total;
   std::vector<uint16_t> weights;
   std::vector<uint8_t> uniform;
+  std::vector<const uint32_t*> qrows, wrows;
 };
 
 // One tile: query tokens [t0, t1) of row b, the G heads of kv head `kv`.
@@ -194,7 +191,10 @@ void Tile(const Shape& sh, const uint16_t* q, const bool* mask, const int32_t* f
   sc.uniform.assign(m, 0);
   const uint32_t* bkp = kp + (b * sh.kv + kv) * d2 * sh.sp;
   const uint32_t* bvp = vp + (b * sh.kv + kv) * (sh.sp / 2) * sh.d;
-  std::vector<const uint32_t*> qrows(m), wrows(m);
+  sc.qrows.resize(m);
+  sc.wrows.resize(m);
+  const uint32_t** qrows = sc.qrows.data();
+  const uint32_t** wrows = sc.wrows.data();
   for (int64_t i = 0; i < m; ++i) {
     const int64_t t = t0 + i / sh.g, h = kv * sh.g + i % sh.g;
     qrows[i] = reinterpret_cast<const uint32_t*>(q + ((b * sh.t + t) * sh.h + h) * sh.d);
@@ -202,24 +202,15 @@ void Tile(const Shape& sh, const uint16_t* q, const bool* mask, const int32_t* f
   }
   if (n > 0) {
     int64_t i = 0;
-    for (; i + 4 <= m; i += 4) Scores<4>(qrows.data() + i, bkp + lo, sh.sp, d2, n, sc.scores.data() + i * ld, ld);
-    for (; i < m; ++i) Scores<1>(qrows.data() + i, bkp + lo, sh.sp, d2, n, sc.scores.data() + i * ld, ld);
+    for (; i + 4 <= m; i += 4) Scores<4>(qrows + i, bkp + lo, sh.sp, d2, n, sc.scores.data() + i * ld, ld);
+    for (; i < m; ++i) Scores<1>(qrows + i, bkp + lo, sh.sp, d2, n, sc.scores.data() + i * ld, ld);
   }
   const __m512 neg = _mm512_set1_ps(-FLT_MAX);
   for (int64_t i = 0; i < m; ++i) {
     const int64_t t = t0 + i / sh.g;
     const uint8_t* mrow = reinterpret_cast<const uint8_t*>(mask + (b * sh.t + t) * sh.s);
     float* srow = sc.scores.data() + i * ld;
-    __m512 top = neg;
-    for (int64_t j = 0; j < n; j += 16) {
-      const int64_t s = lo + j;
-      const __mmask16 in_range = s + 16 <= sh.s ? __mmask16(0xffff) : __mmask16((1u << std::max<int64_t>(sh.s - s, 0)) - 1);
-      __m128i mb = _mm_maskz_loadu_epi8(in_range, mrow + s);
-      __m512 x = _mm512_mask_blend_ps(_mm_test_epi8_mask(mb, mb), neg, _mm512_loadu_ps(srow + j));
-      _mm512_storeu_ps(srow + j, x);
-      top = _mm512_max_ps(top, x);
-    }
-    const float mx = _mm512_reduce_max_ps(top);
+    const float mx = MaskScores(srow, mrow, lo, n, sh.s);
     uint16_t* wrow = sc.weights.data() + i * ld;
     if (n == 0 || mx == -FLT_MAX) {  // every key masked: equal weights over all keys
       sc.uniform[i] = 1;
@@ -240,8 +231,8 @@ void Tile(const Shape& sh, const uint16_t* q, const bool* mask, const int32_t* f
   }
   if (n > 0) {
     int64_t i = 0;
-    for (; i + 4 <= m; i += 4) Values<4>(wrows.data() + i, bvp + lo / 2 * sh.d, n / 2, sh.d, sc.acc.data() + i * sh.d);
-    for (; i < m; ++i) Values<1>(wrows.data() + i, bvp + lo / 2 * sh.d, n / 2, sh.d, sc.acc.data() + i * sh.d);
+    for (; i + 4 <= m; i += 4) Values<4>(wrows + i, bvp + lo / 2 * sh.d, n / 2, sh.d, sc.acc.data() + i * sh.d);
+    for (; i < m; ++i) Values<1>(wrows + i, bvp + lo / 2 * sh.d, n / 2, sh.d, sc.acc.data() + i * sh.d);
   }
   for (int64_t i = 0; i < m; ++i) {
     const int64_t t = t0 + i / sh.g, h = kv * sh.g + i % sh.g;
@@ -274,21 +265,27 @@ ffi::Error AttentionBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Bu
     return ffi::Error::InvalidArgument("attention: shapes do not match (head size must be a multiple of 32)");
   const uint16_t* qp = q.typed_data();
   const bool* mp = mask.typed_data();
-  std::vector<uint32_t> kp(sh.b * sh.kv * (sh.d / 2) * sh.sp), vp(sh.b * sh.kv * (sh.sp / 2) * sh.d);
+  // every entry is written by Pack, so not zero-filled first
+  std::unique_ptr<uint32_t[]> kp(new uint32_t[sh.b * sh.kv * (sh.d / 2) * sh.sp]);
+  std::unique_ptr<uint32_t[]> vp(new uint32_t[sh.b * sh.kv * (sh.sp / 2) * sh.d]);
   std::vector<int32_t> first(sh.b * sh.t), last(sh.b * sh.t);
   const int64_t packs = sh.b * sh.kv;
   ParallelFor(pool, packs + sh.b, [&](int64_t i) {
     if (i < packs) {
-      Pack(sh, k.typed_data(), v.typed_data(), kp.data(), vp.data(), i);
+      Pack(sh, k.typed_data(), v.typed_data(), kp.get(), vp.get(), i);
     } else {
-      for (int64_t t = 0; t < sh.t; ++t) KeyRange(sh, mp, first.data(), last.data(), (i - packs) * sh.t + t);
+      for (int64_t bt = (i - packs) * sh.t; bt < (i - packs + 1) * sh.t; ++bt) {
+        int64_t lo, hi;
+        UnmaskedRange(reinterpret_cast<const uint8_t*>(mp + bt * sh.s), sh.s, lo, hi);
+        first[bt] = int32_t(lo), last[bt] = int32_t(hi);
+      }
     }
   });
   const int64_t tiles = (sh.t + kTileTokens - 1) / kTileTokens;
   ParallelFor(pool, sh.b * sh.kv * tiles, [&](int64_t i) {
     thread_local Scratch scratch;
     const int64_t tile = i % tiles, bk = i / tiles;
-    Tile(sh, qp, mp, first.data(), last.data(), kp.data(), vp.data(), out->typed_data(), bk / sh.kv, bk % sh.kv,
+    Tile(sh, qp, mp, first.data(), last.data(), kp.get(), vp.get(), out->typed_data(), bk / sh.kv, bk % sh.kv,
          tile * kTileTokens, std::min(sh.t, (tile + 1) * kTileTokens), scratch);
   });
   return ffi::Error::Success();
@@ -323,9 +320,8 @@ void DecodeRow(const DecodeShape& sh, const float* q, const float* k, const floa
                int64_t row, std::vector<float>& buf) {
   const int64_t b = row / sh.kv, kv = row % sh.kv, d = sh.d;
   const uint8_t* mrow = reinterpret_cast<const uint8_t*>(mask + b * sh.s);
-  int64_t lo = 0, hi = sh.s - 1;
-  while (lo <= hi && !mrow[lo]) ++lo;
-  while (hi >= lo && !mrow[hi]) --hi;
+  int64_t lo, hi;
+  UnmaskedRange(mrow, sh.s, lo, hi);
   const float* qs = q + (b * sh.h + kv * G) * d;  // the G query heads of this kv head
   float* o = out + (b * sh.h + kv * G) * d;
   const float* kb = k + (b * sh.kv + kv) * sh.s * d;
@@ -361,16 +357,7 @@ void DecodeRow(const DecodeShape& sh, const float* q, const float* k, const floa
   const __m512 neg = _mm512_set1_ps(-FLT_MAX);
   for (int g = 0; g < G; ++g) {  // softmax over the unmasked keys, as jax.nn.softmax
     float* sr = scores + g * n;
-    __m512 top = neg;
-    for (int64_t j = 0; j < n; j += 16) {
-      const int64_t s = lo + j;
-      const __mmask16 in_range = s + 16 <= sh.s ? __mmask16(0xffff) : __mmask16((1u << std::max<int64_t>(sh.s - s, 0)) - 1);
-      __m128i mb = _mm_maskz_loadu_epi8(in_range, mrow + s);
-      __m512 x = _mm512_mask_blend_ps(_mm_test_epi8_mask(mb, mb), neg, _mm512_loadu_ps(sr + j));
-      _mm512_storeu_ps(sr + j, x);
-      top = _mm512_max_ps(top, x);
-    }
-    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    const __m512 mx = _mm512_set1_ps(MaskScores(sr, mrow, lo, n, sh.s));
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += 16) {
       __m512 x = _mm512_loadu_ps(sr + j);

@@ -38,10 +38,12 @@ FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-m
          "-mavx512bf16")
 
 
-def _cpu_has_avx512_bf16() -> bool:
+@functools.lru_cache(maxsize=None)
+def cpu_has_flag(flag: str) -> bool:
+    """Whether this machine's CPU lists `flag` (e.g. avx512_bf16, amx_bf16) in /proc/cpuinfo (Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512_bf16" in line for line in f)
+            return any(line.startswith("flags") and flag in line.split() for line in f)
     except OSError:
         return False
 
@@ -77,7 +79,7 @@ def available() -> bool:
     """Whether the kernels are built, loaded and registered with XLA for this process."""
     if os.environ.get("PRM_JAX_CPU_KERNELS", "1") == "0":
         return False
-    if platform.system() != "Linux" or platform.machine() != "x86_64" or not _cpu_has_avx512_bf16():
+    if platform.system() != "Linux" or platform.machine() != "x86_64" or not cpu_has_flag("avx512_bf16"):
         log.info("CPU attention kernels not used: they need x86 Linux with AVX-512 BF16")
         return False
     cache_dir = os.environ.get("PRM_JAX_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
