@@ -7,8 +7,11 @@ under --out, so the demo doubles as an executable tutorial:
   policy   train a tiny policy with the causal-LM loss (it should solve a fair share, not all)
   sample   the policy writes several solutions per problem
   rollout  Monte-Carlo labels: N rollouts from every step prefix (shared-prefix sampling)
-  critic   train a tiny critic on toy solutions with true labels (the stand-in for the paper's judge)
-  judge    the critic judges every solution through the judge stage's in-process JAX backend
+  critic   train the critic, the stand-in for the paper's (ten times larger) judge model: a model
+           that solves the problems (default judge), or one that writes ProcessBench critiques
+  judge    the critic judges every solution: it re-derives each step from the steps before it,
+           never seeing the step it checks (toyworld.rederive); with --judge critic it critiques
+           whole solutions through `prm-jax judge`'s in-process backend
   filter   consensus filter; MC-only and judge-only training sets for comparison
   prm-*    a PRM trained on each label set (initialised from the policy, as the paper from its
            instruct model)
@@ -78,7 +81,9 @@ class DemoSize:
     policy_error_rate: float = 0.1  # share of the policy's training solutions with an injected error
     max_new_tokens: int = 96  # per sampled solution (rollouts, which continue a prefix, get 2/3 of it)
     buckets: tuple[int, ...] = (96, 128, 160)  # sequence buckets of the policy and PRM training
-    critic_buckets: tuple[int, ...] = (256, 320, 384)  # the critic's (its examples hold a critique too)
+    critic_buckets: tuple[int, ...] = (256, 320, 384)  # --judge critic's (its examples hold a critique too)
+    critic_hidden_size: int = 0  # the critic's width and depth (0: the policy's); intermediate 3x the width
+    critic_layers: int = 0
     prm_class_balance: bool = False  # PRM loss: wrong and right steps weighted by inverse frequency
     label_temperature: float = 0.7  # the solutions to label (held-out samples stay at 0.7)
     rollout_temperature: float = 0.7  # MC rollouts: hotter makes the completer less reliable, MC noisier
@@ -93,7 +98,7 @@ SIZES = {
     "tiny": DemoSize(world="tiny", world_overrides=dict(max_start=9, max_operand=5, max_value=9),
                      model=dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2),
                      vocab_size=384,
-                     policy_problems=3000, policy_steps=300, policy_batch=16, critic_problems=600, critic_steps=150,
+                     policy_problems=3000, policy_steps=300, policy_batch=16, critic_problems=600, critic_steps=300,
                      label_problems=48, samples_per_problem=4, rollouts=6, prm_steps=80, prm_batch=16, heldout_problems=100,
                      bon_n=4),
     # The recipe whose PRMs learn to check steps (experiments/notes/2026-11-27-demo-small-checks-steps.md): each step
@@ -103,12 +108,14 @@ SIZES = {
     # MC's failure modes by construction (issue 28): half the policy's early errors are followed by a
     # restart that re-derives the answer, and 30% of its solutions carry a check step (a quantity the
     # answer never uses), so MC passes wrong steps the way the paper describes; the critic learns both.
+    # The critic is 4 x 128 (~5x the policy's parameters), as the paper's 72B judge is larger than its 7B policy.
     "small": DemoSize(world="tiny", world_overrides=dict(max_start=9, max_operand=5, max_value=9, restate=True,
                                                          restart_rate=0.5, check_rate=0.3),
                       model=dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2),
                       vocab_size=1024, policy_problems=3000, policy_steps=800, policy_batch=16, critic_problems=600,
-                      critic_steps=600, label_problems=400, samples_per_problem=4, rollouts=6, prm_steps=300,
-                      prm_batch=64, heldout_problems=100, bon_n=4, policy_error_rate=0.4,
+                      critic_steps=800, label_problems=400, samples_per_problem=4, rollouts=6, prm_steps=300,
+                      prm_batch=64, heldout_problems=100, bon_n=4, policy_error_rate=0.4, critic_hidden_size=128,
+                      critic_layers=4,
                       policy_error_kinds=("wrong_operation", "skipped_step"), max_new_tokens=128,
                       buckets=(112, 144, 176), critic_buckets=(176, 208, 240), search_problems=100, search_n=8,
                       search_beam_width=4),
@@ -151,7 +158,7 @@ def resize(size: DemoSize, assignments: Sequence[str]) -> DemoSize:
 
 @dataclasses.dataclass(frozen=True)
 class Judge:
-    kind: str = "critic"  # critic | simulated | endpoint
+    kind: str = "rederive"  # rederive | critic | simulated | endpoint
     error_rate: float = 0.2  # simulated only
     endpoint: str | None = None
     api: str = "sglang"
@@ -185,7 +192,7 @@ class Demo:
 
     def train(self, objective: str, train_file: str, out: str, steps: int, lr: float, *, init: str | None = None,
               system_prompt: str | None = "default", batch: int = 16, buckets: tuple[int, ...] | None = None,
-              overrides: tuple[str, ...] = (), eval_file: str | None = None) -> None:
+              overrides: tuple[str, ...] = (), eval_file: str | None = None, model_yaml: str = "model.yaml") -> None:
         buckets = buckets or self.size.buckets
         args = ["train", "--objective", objective, "--train", train_file, "--out", out,
                 "--set", f"steps={steps}", "--set", f"lr={lr}", "--set", f"batch_size={batch}",
@@ -197,8 +204,7 @@ class Demo:
         if init:
             args += ["--init", init]
         else:
-            model_yaml = self.path("model.yaml")
-            args += ["--init-config", model_yaml, "--tokenizer", self.path("tokenizer")]
+            args += ["--init-config", self.path(model_yaml), "--tokenizer", self.path("tokenizer")]
         if system_prompt is None:
             args += ["--set", "system_prompt="]
         for kv in overrides:
@@ -238,20 +244,35 @@ class Demo:
         from transformers import AutoTokenizer
 
         vocab = len(AutoTokenizer.from_pretrained(self.path("tokenizer")))
+        model = {"preset": "tiny", **s.model, "vocab_size": vocab, "max_position_embeddings": 1024}
         with open(self.path("model.yaml"), "w", encoding="utf-8") as f:
-            json.dump({"preset": "tiny", **s.model, "vocab_size": vocab, "max_position_embeddings": 1024}, f)
+            json.dump(model, f)
+        critic_model = dict(model)
+        if s.critic_hidden_size:
+            critic_model.update(hidden_size=s.critic_hidden_size, intermediate_size=3 * s.critic_hidden_size)
+        if s.critic_layers:
+            critic_model["num_layers"] = s.critic_layers
+        with open(self.path("critic_model.yaml"), "w", encoding="utf-8") as f:
+            json.dump(critic_model, f)
         # The policy learns from reference solutions with a few injected errors, so that its own
-        # samples go wrong in varied places; the critic from solutions with true verdicts.
+        # samples go wrong in varied places; the re-deriving critic from right solutions (other draws
+        # than the policy's), the critiquing one from solutions with true verdicts.
         # MC's failure modes are the world's shares (restarts, checks, slips), in both training sets.
         shares = world.failure_shares(cfg)
         policy = world.sample_solutions(problems["policy"], seed=seed, error_rate=s.policy_error_rate,
                                         kinds=s.policy_error_kinds or world.ERROR_KINDS, **shares)
         write_jsonl(self.path("data", "policy_train.jsonl"),
                     [{"id": r["id"], "problem": r["problem"], "steps": r["steps"]} for r in policy])
-        examples = critic.critic_training_set(problems["critic"], template, seed=seed, error_rate=0.6, **shares)
-        write_jsonl(self.path("data", "critic_train.jsonl"),
-                    [{"id": e["id"], "prompt": e["messages"][-2]["content"], "text": e["messages"][-1]["content"]}
-                     for e in examples])
+        if self.judge.kind == "rederive":
+            sols = world.sample_solutions(problems["policy"] + problems["critic"], seed=seed + 1, error_rate=0.0,
+                                          check_rate=shares.get("check_rate", 0.0))
+            write_jsonl(self.path("data", "critic_train.jsonl"),
+                        [{"id": r["id"], "problem": r["problem"], "steps": r["steps"]} for r in sols])
+        else:
+            examples = critic.critic_training_set(problems["critic"], template, seed=seed, error_rate=0.6, **shares)
+            write_jsonl(self.path("data", "critic_train.jsonl"),
+                        [{"id": e["id"], "prompt": e["messages"][-2]["content"], "text": e["messages"][-1]["content"]}
+                         for e in examples])
 
     def stage_policy(self) -> None:
         s = self.size
@@ -270,17 +291,22 @@ class Demo:
                  "--batch-size", 32, "--max-prefixes", 128)
 
     def stage_critic(self) -> None:
-        if self.judge.kind != "critic":
-            return
         s = self.size
-        self.train("lm", self.path("data", "critic_train.jsonl"), self.path("critic"), s.critic_steps, s.lr,
-                   system_prompt=None, batch=16, buckets=s.critic_buckets)
+        if self.judge.kind == "rederive":
+            self.train("lm", self.path("data", "critic_train.jsonl"), self.path("critic"), s.critic_steps, s.lr,
+                       batch=16, model_yaml="critic_model.yaml")
+        elif self.judge.kind == "critic":
+            self.train("lm", self.path("data", "critic_train.jsonl"), self.path("critic"), s.critic_steps, s.lr,
+                       system_prompt=None, batch=16, buckets=s.critic_buckets, model_yaml="critic_model.yaml")
 
     def stage_judge(self) -> None:
         out = self.path("judge.jsonl")
         if self.judge.kind == "simulated":
             write_jsonl(out, truth.simulated_judge(read_jsonl(self.path("solutions.jsonl")), self.judge.error_rate,
                                              self.seed))
+            return
+        if self.judge.kind == "rederive":
+            self.rederive_judge(out)
             return
         common = ["judge", "--solutions", self.path("solutions.jsonl"), "--out", out, "--max-new-tokens", 160]
         if self.judge.kind == "critic":
@@ -294,6 +320,26 @@ class Demo:
             if self.judge.tokenizer:
                 args += ["--tokenizer", self.judge.tokenizer]
             self.cli(*args)
+
+    def rederive_judge(self, out: str) -> None:
+        from transformers import AutoTokenizer
+
+        from prm_jax.data.prm_format import DEFAULT_SYSTEM_PROMPT
+        from prm_jax.models.hf import load_causal_lm
+        from prm_jax.sampling.commands import progress_bar
+        from prm_jax.toyworld.rederive import model_continuer, rederive_judge
+
+        critic_dir = self.path("critic", "hf")
+        solutions = read_jsonl(self.path("solutions.jsonl"))
+        continuer = model_continuer(load_causal_lm(critic_dir), AutoTokenizer.from_pretrained(critic_dir),
+                                    DEFAULT_SYSTEM_PROMPT)
+        t0 = time.perf_counter()
+        with progress_bar(len(solutions), "judge (critic re-derives each step)", self.quiet) as bar:
+            records = rederive_judge(solutions, continuer, critic_dir, bar.update)
+        write_jsonl(out, records)
+        flagged = sum(r["judge"]["first_error"] is not None and r["judge"]["first_error"] >= 0 for r in records)
+        print(f"judge: {len(records)} solutions judged in {time.perf_counter() - t0:.1f} s, {flagged} with an error "
+              f"-> {out}")
 
     def stage_filter(self) -> None:
 
@@ -449,8 +495,10 @@ def register(sub) -> None:
                         "~10 min on 2 CPU cores; tiny: the whole pipeline in ~3 min, for tests and CI")
     p.add_argument("--resume", action="store_true", help="continue a stopped run from its last finished stage")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--judge", choices=("critic", "simulated"), default="critic",
-                   help="critic: a small model trained here, run through the in-process judge backend; "
+    p.add_argument("--judge", choices=("rederive", "critic", "simulated"), default="rederive",
+                   help="rederive: a critic model trained here re-derives each step without seeing it; "
+                        "critic: a critic model trained here writes ProcessBench critiques, run through "
+                        "`prm-jax judge`'s in-process backend (one this small copies the step it checks); "
                         "simulated: the truth with injected errors")
     p.add_argument("--judge-error-rate", type=unit_interval, default=0.2, help="with --judge simulated")
     p.add_argument("--judge-endpoint", help="a real judge server instead (SGLang or OpenAI-compatible)")

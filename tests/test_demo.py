@@ -241,11 +241,11 @@ def test_demo_resume_needs_the_same_set(tmp_path):
     assert Demo.load(out).size.policy_steps == 7
 
 
-def recording_demo(tmp_path, size: str, *assignments: str):
+def recording_demo(tmp_path, size: str, *assignments: str, judge: str = "rederive"):
     """A Demo of `size` changed by `assignments`, whose `prm-jax` calls are recorded, not run."""
     from prm_jax.demo import SIZES, Demo, Judge, resize
 
-    demo = Demo(str(tmp_path), resize(SIZES[size], list(assignments)), Judge(), seed=0, quiet=True)
+    demo = Demo(str(tmp_path), resize(SIZES[size], list(assignments)), Judge(judge), seed=0, quiet=True)
     calls = []
     demo.cli = lambda *argv: calls.append(argv)
     return demo, calls
@@ -263,15 +263,18 @@ def test_demo_prm_stage_passes_class_balance_to_train(tmp_path, balance):
 
 
 def test_demo_sizes_are_valid_and_the_critic_trains_in_its_buckets(tmp_path):
-    """Every size passes resize's checks unchanged; the critic's buckets come from the size."""
+    """Every size passes resize's checks unchanged; the critic trains at its own shape, the critiquing
+    one in the size's critic buckets, the re-deriving one (which writes solutions) in the policy's."""
     from prm_jax.demo import SIZES, resize
 
     for name, size in SIZES.items():
         assert resize(size, []) == size, name
-    demo, calls = recording_demo(tmp_path, "small", "critic_buckets=[160, 200]")
-    demo.stage_critic()
-    (argv,) = calls
-    assert argv[0] == "train" and "buckets=[160, 200]" in argv and "max_length=200" in argv
+    for judge, buckets in (("critic", [160, 200]), ("rederive", list(SIZES["small"].buckets))):
+        demo, calls = recording_demo(tmp_path / judge, "small", "critic_buckets=[160, 200]", judge=judge)
+        demo.stage_critic()
+        (argv,) = calls
+        assert argv[0] == "train" and f"buckets={buckets}" in argv and f"max_length={max(buckets)}" in argv
+        assert argv[argv.index("--init-config") + 1].endswith("critic_model.yaml")
 
 
 def test_demo_samples_the_label_set_at_label_temperature(tmp_path):

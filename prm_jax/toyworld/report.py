@@ -188,12 +188,7 @@ def write_markdown(report: dict[str, Any], path: str) -> None:
         "```", summary_table(report), "```", "",
         *_claims_markdown(report),
         *_failures_markdown(report),
-        "The critic judges by a generative check: for each paragraph in turn it first writes what the step "
-        "should compute (`Paragraph 1: expected 12 - 3 = 9; wrong operation, incorrect.`, a check step's "
-        "inverse, a restart's first operation), then its verdict, and stops at the first wrong one. Its "
-        f"first-error accuracy is {_fmt(report['label_quality']['judge']['first_error_accuracy'], True)}% and its "
-        f"step recall (wrong steps it calls wrong) {_fmt(report['label_quality']['judge']['step_recall'], True)}% "
-        "(the judge row above).", "",
+        *_judge_markdown(report),
         "![label quality](report_label_quality.png)", "", "![PRM F1](report_f1.png)", "",
         "![Best-of-N](bon_consensus/bon_curve.png)", "",
         *(["![search](search/search_accuracy.png)", ""] if report.get("search") else []),
@@ -209,6 +204,24 @@ def write_markdown(report: dict[str, Any], path: str) -> None:
     ]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(text) + "\n")
+
+
+def _judge_markdown(report: dict[str, Any]) -> list[str]:
+    how = {
+        "rederive": "The critic (a model trained to solve the problems, larger than the policy at the small size) "
+                    "judges by re-deriving each step: for step k it writes the step it would take after the "
+                    "solution's steps before k, never seeing step k itself, and step k is wrong where the "
+                    "two computations differ (a check or restart is redone from its lead-in). ",
+        "critic": "The critic judges by a generative check: for each paragraph in turn it first writes what the "
+                  "step should compute (`Paragraph 1: expected 12 - 3 = 9; wrong operation, incorrect.`, a check "
+                  "step's inverse, a restart's first operation), then its verdict, and stops at the first wrong "
+                  "one. ",
+    }.get(report["judge"])
+    if how is None:
+        return []
+    judge = report["label_quality"]["judge"]
+    return [how + f"Its first-error accuracy is {_fmt(judge['first_error_accuracy'], True)}% and its step recall "
+                  f"(wrong steps it calls wrong) {_fmt(judge['step_recall'], True)}% (the judge row above).", ""]
 
 
 def _claims_markdown(report: dict[str, Any]) -> list[str]:
