@@ -261,13 +261,14 @@ class Demo:
         shares = world.failure_shares(cfg)
         policy = world.sample_solutions(problems["policy"], seed=seed, error_rate=s.policy_error_rate,
                                         kinds=s.policy_error_kinds or world.ERROR_KINDS, **shares)
-        write_jsonl(self.path("data", "policy_train.jsonl"),
-                    [{"id": r["id"], "problem": r["problem"], "steps": r["steps"]} for r in policy])
+        def solutions(records):
+            return [{"id": r["id"], "problem": r["problem"], "steps": r["steps"]} for r in records]
+
+        write_jsonl(self.path("data", "policy_train.jsonl"), solutions(policy))
         if self.judge.kind == "rederive":
-            sols = world.sample_solutions(problems["policy"] + problems["critic"], seed=seed + 1, error_rate=0.0,
-                                          check_rate=shares.get("check_rate", 0.0))
-            write_jsonl(self.path("data", "critic_train.jsonl"),
-                        [{"id": r["id"], "problem": r["problem"], "steps": r["steps"]} for r in sols])
+            right = world.sample_solutions(problems["policy"] + problems["critic"], seed=seed + 1, error_rate=0.0,
+                                           check_rate=shares.get("check_rate", 0.0))
+            write_jsonl(self.path("data", "critic_train.jsonl"), solutions(right))
         else:
             examples = critic.critic_training_set(problems["critic"], template, seed=seed, error_rate=0.6, **shares)
             write_jsonl(self.path("data", "critic_train.jsonl"),
@@ -291,13 +292,12 @@ class Demo:
                  "--batch-size", 32, "--max-prefixes", 128)
 
     def stage_critic(self) -> None:
-        s = self.size
-        if self.judge.kind == "rederive":
-            self.train("lm", self.path("data", "critic_train.jsonl"), self.path("critic"), s.critic_steps, s.lr,
-                       batch=16, model_yaml="critic_model.yaml")
-        elif self.judge.kind == "critic":
-            self.train("lm", self.path("data", "critic_train.jsonl"), self.path("critic"), s.critic_steps, s.lr,
-                       system_prompt=None, batch=16, buckets=s.critic_buckets, model_yaml="critic_model.yaml")
+        if self.judge.kind not in ("rederive", "critic"):
+            return
+        s, critiques = self.size, self.judge.kind == "critic"  # a critique is a reply to the judge prompt
+        self.train("lm", self.path("data", "critic_train.jsonl"), self.path("critic"), s.critic_steps, s.lr,
+                   system_prompt=None if critiques else "default", batch=16,
+                   buckets=s.critic_buckets if critiques else None, model_yaml="critic_model.yaml")
 
     def stage_judge(self) -> None:
         out = self.path("judge.jsonl")

@@ -11,7 +11,7 @@ operation. The first such step is the judge's first error (or the last step, whe
 stops without stating an answer), -1 when every step matches.
 
 `continue_steps` is the critic: (problem, steps so far, lead-in) -> the step it writes next. The
-model-backed one greedily decodes one paragraph with the JAX sampler.
+model-backed one greedily decodes one paragraph with search's one-step `Stepper`.
 """
 from __future__ import annotations
 
@@ -71,27 +71,24 @@ def rederive_judge(solutions: Sequence[Mapping[str, Any]], continue_steps: Conti
             for s, fe, raw in zip(solutions, first_error, lines)]
 
 
-def model_continuer(model, tokenizer, system_prompt: str | None, max_new_tokens: int = 48,
-                    batch_size: int = 256) -> Continue:
-    """The critic model as a `Continue`: greedy decoding of one paragraph after the policy's chat
-    prompt, the steps so far and the lead-in."""
-    from prm_jax.sampling.ids import default_stop_ids
-    from prm_jax.sampling.sampler import generate_from_prefixes
+def model_continuer(model, tokenizer, system_prompt: str | None, max_new_tokens: int = 48) -> Continue:
+    """The critic model as a `Continue`: greedy decoding of one paragraph (search's `Stepper`, which
+    stops a row at the step delimiter) after the policy's chat prompt, the steps so far and the lead-in."""
+    import functools
 
-    stop = list(default_stop_ids(tokenizer))
+    from prm_jax.search.policy import Request, StepConfig, Stepper
+
+    stepper = Stepper(model, tokenizer, StepConfig(max_tokens=max_new_tokens,
+                                                   context=model.cfg.max_position_embeddings))
+    prompt_ids = functools.lru_cache(maxsize=None)(lambda problem: policy_prompt_ids(tokenizer, problem, system_prompt))
 
     def continue_steps(requests):
-        prefixes = []
+        rows = []
         for problem, steps, lead in requests:
             text = (join_steps(steps) + STEP_SEPARATOR if steps else "") + lead
-            prefixes.append(policy_prompt_ids(tokenizer, problem, system_prompt)
-                            + tokenizer.encode(text, add_special_tokens=False))
-        out = []
-        for start in range(0, len(prefixes), batch_size):
-            chunk = prefixes[start:start + batch_size]
-            for ids in generate_from_prefixes(model, chunk, 1, max_new_tokens, temperature=0.0, seed=0,
-                                              stop_ids=stop):
-                out.append(tokenizer.decode(ids[0], skip_special_tokens=True))
-        return [lead + text.split(STEP_SEPARATOR)[0] for (_, _, lead), text in zip(requests, out)]
+            rows.append(Request(tuple(prompt_ids(problem) + tokenizer.encode(text, add_special_tokens=False)), 0, 1))
+        segments, _ = stepper.run(rows, greedy=True)
+        return [lead + stepper.text(seg.tokens).split(STEP_SEPARATOR)[0]
+                for (_, _, lead), (seg,) in zip(requests, segments)]
 
     return continue_steps
